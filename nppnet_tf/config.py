@@ -1,0 +1,383 @@
+"""Run configuration: typed, frozen dataclasses loaded from one YAML file.
+
+Values live in `configs/*.yaml` (one file holds a whole run); this module only
+holds the types, their defaults (the paper's settings where a paper setting
+exists) and their range checks. `load_config` rejects unknown keys, wrong
+types and out-of-range values before any work starts, naming the key, the
+value and the file; `--set section.key=value` overrides one key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+def _check(condition: bool, key: str, value: Any, requirement: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key} = {value!r}: {requirement}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection:
+    """Where a run reads and writes.
+
+    Attributes:
+        work_dir: every artifact of the run goes under this directory.
+        lip_root: a LIP release folder; None synthesises one under
+            `work_dir/lip` from the `synth` section.
+    """
+
+    work_dir: str = "runs/lip"
+    lip_root: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    """Synthetic LIP in the release layout (`nppnet data synth`)."""
+
+    train: int = 64
+    val: int = 16
+    seed: int = 0
+    min_size: int = 96
+    max_size: int = 192
+
+    def __post_init__(self):
+        _check(self.train >= 1, "synth.train", self.train, "must be >= 1")
+        _check(self.val >= 1, "synth.val", self.val, "must be >= 1")
+        _check(self.min_size >= 32, "synth.min_size", self.min_size, "must be >= 32")
+        _check(
+            self.max_size >= self.min_size,
+            "synth.max_size",
+            self.max_size,
+            f"must be >= synth.min_size ({self.min_size})",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Crops, targets and record layout (reference 6.3, 6.4).
+
+    Attributes:
+        image_size: side of the square network input crop, a multiple of 32.
+        heatmap_stride: input pixels per heatmap cell.
+        sigma: Gaussian sigma of the main heatmaps, in input pixels.
+        aux_sigma: sigma of the auxiliary heatmaps, in input pixels.
+        edge_width: side of the square dilation kernel of the edge map.
+        shards: TFRecord shards per split.
+        include_test: also encode `testing_images` (images only) if present.
+        keypoint_margin: a present keypoint further than this fraction of the
+            image's long side outside the image sends the record to the
+            dead-letter output.
+    """
+
+    image_size: int = 384
+    heatmap_stride: int = 4
+    sigma: float = 7.0
+    aux_sigma: float = 14.0
+    edge_width: int = 3
+    shards: int = 16
+    include_test: bool = False
+    keypoint_margin: float = 0.5
+
+    def __post_init__(self):
+        _check(
+            self.image_size >= 32 and self.image_size % 32 == 0,
+            "data.image_size",
+            self.image_size,
+            "must be a positive multiple of 32",
+        )
+        _check(
+            self.heatmap_stride >= 1 and self.image_size % self.heatmap_stride == 0,
+            "data.heatmap_stride",
+            self.heatmap_stride,
+            f"must be >= 1 and divide data.image_size ({self.image_size})",
+        )
+        _check(self.sigma > 0, "data.sigma", self.sigma, "must be > 0")
+        _check(self.aux_sigma > 0, "data.aux_sigma", self.aux_sigma, "must be > 0")
+        _check(
+            self.edge_width >= 1 and self.edge_width % 2 == 1,
+            "data.edge_width",
+            self.edge_width,
+            "must be a positive odd number",
+        )
+        _check(self.shards >= 1, "data.shards", self.shards, "must be >= 1")
+        _check(
+            self.keypoint_margin >= 0,
+            "data.keypoint_margin",
+            self.keypoint_margin,
+            "must be >= 0",
+        )
+
+    @property
+    def heatmap_size(self) -> int:
+        return self.image_size // self.heatmap_stride
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamConfig:
+    """Apache Beam options of the preprocessing job.
+
+    Attributes:
+        pipeline_args: standard Beam pipeline flags, e.g.
+            `["--runner=FlinkRunner", "--flink_master=host:8081"]`. Empty runs
+            in-process (FnApiRunner, no network).
+        direct_num_workers: workers of the in-process runner.
+    """
+
+    pipeline_args: tuple[str, ...] = ()
+    direct_num_workers: int = 1
+
+    def __post_init__(self):
+        _check(
+            self.direct_num_workers >= 1,
+            "beam.direct_num_workers",
+            self.direct_num_workers,
+            "must be >= 1",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateConfig:
+    """TF Data Validation gate (`nppnet data validate`).
+
+    Attributes:
+        schema: curated schema kept in the repository (inferred and written
+            there on the first run if absent).
+        skew_threshold: L-infinity distance above which a train/val skew on a
+            scalar feature is an anomaly.
+    """
+
+    schema: str = "configs/schema/lip_records.pbtxt"
+    skew_threshold: float = 0.3
+
+    def __post_init__(self):
+        _check(
+            0 < self.skew_threshold <= 1,
+            "validate.skew_threshold",
+            self.skew_threshold,
+            "must be in (0, 1]",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """NPPNet training loss (reference 4).
+
+    Attributes:
+        ohem_threshold: OHEM keeps pixels whose ground-truth probability is
+            below max(this, the min_kept-th smallest probability).
+        ohem_min_kept: minimum number of pixels OHEM keeps per replica batch.
+        pose_lambda_init: initial uncertainty weight of the pose loss.
+        parsing_lambda_init: initial uncertainty weight of the parsing loss.
+    """
+
+    ohem_threshold: float = 0.9
+    ohem_min_kept: int = 131072
+    pose_lambda_init: float = -2.5
+    parsing_lambda_init: float = 2.3
+
+    def __post_init__(self):
+        _check(
+            0 < self.ohem_threshold <= 1,
+            "loss.ohem_threshold",
+            self.ohem_threshold,
+            "must be in (0, 1]",
+        )
+        _check(
+            self.ohem_min_kept >= 1,
+            "loss.ohem_min_kept",
+            self.ohem_min_kept,
+            "must be >= 1",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One whole run, as one YAML file describes it."""
+
+    run: RunSection = RunSection()
+    synth: SynthConfig = SynthConfig()
+    data: DataConfig = DataConfig()
+    beam: BeamConfig = BeamConfig()
+    validate: ValidateConfig = ValidateConfig()
+    loss: LossConfig = LossConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass (tuples become lists)."""
+
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def section_hash(config: Any) -> str:
+    """Stable short hash of a config (section) for manifests and caching."""
+    import hashlib
+    import json
+
+    text = json.dumps(to_dict(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp`; returns the typed value."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} = {value!r}: expected a mapping of {tp.__name__} keys")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} = {value!r}: expected one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r}: expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key} = {value!r}: expected a list of {len(args)} values")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r}: expected a string")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]} (known keys of "
+            f"{prefix or 'the top level'}: {', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix}: {err}") from err
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected section.key=value")
+    dotted, text = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: empty key")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: value is not YAML ({err})") from err
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(
+    tree: Mapping[str, Any], source: str = "<dict>", cls: type = RunConfig
+) -> Any:
+    """Builds a config dataclass from a nested mapping, naming `source` in errors."""
+    try:
+        return _build(cls, tree, "")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_config(
+    path: str | Path, overrides: Sequence[str] = (), cls: type = RunConfig
+) -> Any:
+    """YAML -> RunConfig. Unknown keys, wrong types and out-of-range values
+    fail here, naming the key, the value and the file; each override
+    `section.key=value` (value parsed as YAML) replaces one key.
+
+    Raises:
+        ConfigError: on any bad key or value, or a file that is not YAML.
+        FileNotFoundError: if `path` does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {tree!r}")
+    source = str(path)
+    for override in overrides:
+        try:
+            _apply_override(tree, override)
+        except ConfigError as err:
+            raise ConfigError(f"{path} (--set): {err}") from None
+    if overrides:
+        source = f"{path} with --set {' '.join(overrides)}"
+    return config_from_dict(tree, source, cls)

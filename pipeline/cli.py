@@ -1,0 +1,82 @@
+"""The `nppnet` command line.
+
+Each command group lives in its own module under `pipeline/commands/` and
+exposes `register(subparsers)`; heavy imports (TensorFlow, Beam, MLflow)
+happen inside the command handlers so that `nppnet --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+
+log = logging.getLogger("nppnet")
+
+
+def command_modules() -> list[str]:
+    """Names of the modules under pipeline/commands, each one command group."""
+    import pkgutil
+
+    import pipeline.commands
+
+    return sorted(m.name for m in pkgutil.iter_modules(pipeline.commands.__path__))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nppnet",
+        description=(
+            "NPPNet-TF: joint human parsing and pose estimation with neural "
+            "architecture search (Keras 3 / TensorFlow, Beam, TFDV, MLflow)."
+        ),
+    )
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("NPPNET_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging verbosity (default: INFO, or $NPPNET_LOG_LEVEL)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in command_modules():
+        module = importlib.import_module(f"pipeline.commands.{name}")
+        module.register(subparsers)
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # TensorFlow's C++ start-up chatter drowns the useful lines.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for noisy in ("absl", "apache_beam", "tensorflow", "h5py", "matplotlib"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        code = args.handler(args)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        # Configuration and input errors: one readable line, no traceback.
+        log.error("%s", err)
+        log.debug("traceback", exc_info=True)
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

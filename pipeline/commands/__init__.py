@@ -1,0 +1,1 @@
+"""`nppnet` command groups; each module exposes `register(subparsers)`."""
