@@ -1,0 +1,19 @@
+"""Test-session set-up shared by every test.
+
+TensorFlow's CPU is split into two logical devices before anything else
+touches TensorFlow, so that MirroredStrategy tests can run 1 and 2 replicas
+in the same process. Single-device code is unaffected (it uses CPU:0).
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import tensorflow as tf  # noqa: E402
+
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0],
+    [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
+)
