@@ -223,7 +223,9 @@ def to_dict(config: Any) -> dict[str, Any]:
     def plain(value):
         if dataclasses.is_dataclass(value):
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, tuple):
+        if isinstance(value, Mapping):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
             return [plain(v) for v in value]
         return value
 

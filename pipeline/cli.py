@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 
 log = logging.getLogger("nppnet")
@@ -55,8 +56,10 @@ def setup_logging(level: str) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    # TensorFlow's C++ start-up chatter drowns the useful lines.
+    # TensorFlow's C++ start-up chatter and Google client libraries' Python
+    # support notices drown the useful lines.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\..*")
     for noisy in ("absl", "apache_beam", "tensorflow", "h5py", "matplotlib"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
