@@ -40,7 +40,25 @@ PREDICTION_FIELDS = 1 + 2 * NUM_JOINTS  # 33
 
 
 class AnnotationError(ValueError):
-    """An annotation row or file cannot be read; the message says why."""
+    """An annotation row or file cannot be read; the message says why.
+
+    Args:
+        message: what is wrong, naming the value.
+        reason: a short stable code for dead-letter outputs and counters,
+            e.g. `"field_count"`, `"non_numeric"`.
+        image_id: the image the row or record belongs to, when it could be
+            read; None when even the image name is unusable.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        reason: str = "malformed",
+        image_id: str | None = None,
+    ):
+        super().__init__(message)
+        self.reason = reason
+        self.image_id = image_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +84,11 @@ class LIPLayout:
 
     def label_dir(self, split: str) -> Path:
         _check_split(split)
-        return self.root / "TrainVal_parsing_annotations" / f"{split}_segmentations"
+        return (
+            self.root
+            / "TrainVal_parsing_annotations"
+            / f"{split}_segmentations"
+        )
 
     def pose_csv(self, split: str) -> Path:
         _check_split(split)
@@ -136,14 +158,18 @@ class PoseAnnotation:
         return np.isfinite(self.joints[:, 0]) & np.isfinite(self.joints[:, 1])
 
 
-def _number(text: str, what: str) -> float:
+def _number(text: str, what: str, image_id: str | None = None) -> float:
     text = text.strip()
     try:
         value = float(text)
     except ValueError:
-        raise AnnotationError(f"{what}: non-numeric value {text!r}") from None
+        raise AnnotationError(
+            f"{what}: non-numeric value {text!r}", "non_numeric", image_id
+        ) from None
     if math.isinf(value):
-        raise AnnotationError(f"{what}: infinite value {text!r}")
+        raise AnnotationError(
+            f"{what}: infinite value {text!r}", "non_numeric", image_id
+        )
     return value
 
 
@@ -155,40 +181,61 @@ def parse_pose_row(line: str) -> PoseAnnotation:
             value, or a joint with only one of x, y given.
     """
     fields = line.rstrip("\r\n").split(",")
+    name = fields[0].strip()
+    image_id = image_id_of(name) if name else None
     if len(fields) != POSE_FIELDS:
         raise AnnotationError(
             f"pose row has {len(fields)} fields, expected {POSE_FIELDS} "
-            f"(name + 16 x,y,flag): {line[:60]!r}"
+            f"(name + 16 x,y,flag): {line[:60]!r}",
+            "field_count",
+            image_id,
         )
-    name = fields[0].strip()
-    if not name:
-        raise AnnotationError("pose row has an empty image name")
-    image_id = image_id_of(name)
+    if not image_id:
+        raise AnnotationError("pose row has an empty image name", "empty_name")
     values = np.array(
-        [_number(f, f"{image_id} field {i + 1}") for i, f in enumerate(fields[1:])],
+        [
+            _number(f, f"{image_id} field {i + 1}", image_id)
+            for i, f in enumerate(fields[1:])
+        ],
         dtype=np.float64,
     ).reshape(NUM_JOINTS, 3)
     partial = np.isnan(values[:, 0]) != np.isnan(values[:, 1])
     if partial.any():
         joint = int(np.flatnonzero(partial)[0])
-        raise AnnotationError(f"{image_id}: joint {joint} has only one of x, y")
+        raise AnnotationError(
+            f"{image_id}: joint {joint} has only one of x, y",
+            "partial_joint",
+            image_id,
+        )
     return PoseAnnotation(image_id=image_id, joints=values)
 
 
-def iter_pose_csv(path: str | Path) -> Iterator[tuple[int, str, PoseAnnotation | AnnotationError]]:
+def iter_pose_lines(
+    lines: Iterable[str],
+) -> Iterator[tuple[int, str, PoseAnnotation | AnnotationError]]:
+    """Yields `(line_number, raw_line, annotation or error)` for every
+    non-blank line of pose CSV text (numbering from 1, blank lines counted)."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, line, parse_pose_row(line)
+        except AnnotationError as err:
+            yield number, line, err
+
+
+def iter_pose_csv(
+    path: str | Path,
+) -> Iterator[tuple[int, str, PoseAnnotation | AnnotationError]]:
     """Yields `(line_number, raw_line, annotation or error)` for every
     non-blank line, so that callers can route bad rows instead of stopping."""
     with open(path, newline="") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, line, parse_pose_row(line)
-            except AnnotationError as err:
-                yield number, line, err
+        yield from iter_pose_lines(handle)
 
 
-def read_pose_csv(path: str | Path, strict: bool = True) -> dict[str, PoseAnnotation]:
+def read_pose_csv(
+    path: str | Path, strict: bool = True
+) -> dict[str, PoseAnnotation]:
     """Reads a whole pose CSV into `{image_id: PoseAnnotation}`.
 
     Args:
@@ -203,19 +250,29 @@ def read_pose_csv(path: str | Path, strict: bool = True) -> dict[str, PoseAnnota
     for number, _, item in iter_pose_csv(path):
         if isinstance(item, AnnotationError):
             if strict:
-                raise AnnotationError(f"{path}:{number}: {item}") from None
+                raise AnnotationError(
+                    f"{path}:{number}: {item}", item.reason, item.image_id
+                ) from None
             continue
         if item.image_id in out:
-            raise AnnotationError(f"{path}:{number}: duplicate image {item.image_id!r}")
+            raise AnnotationError(
+                f"{path}:{number}: duplicate image {item.image_id!r}",
+                "duplicate_id",
+                item.image_id,
+            )
         out[item.image_id] = item
     return out
 
 
-def format_pose_row(image_id: str, joints_lip: np.ndarray, extension: str = ".jpg") -> str:
+def format_pose_row(
+    image_id: str, joints_lip: np.ndarray, extension: str = ".jpg"
+) -> str:
     """One pose CSV row (without newline): missing joints as `nan,nan,nan`."""
     joints_lip = np.asarray(joints_lip, dtype=np.float64)
     if joints_lip.shape != (NUM_JOINTS, 3):
-        raise ValueError(f"joints must have shape (16, 3), got {joints_lip.shape}")
+        raise ValueError(
+            f"joints must have shape (16, 3), got {joints_lip.shape}"
+        )
     fields = [f"{image_id}{extension}"]
     for x, y, flag in joints_lip:
         if not (np.isfinite(x) and np.isfinite(y)):
@@ -225,7 +282,9 @@ def format_pose_row(image_id: str, joints_lip: np.ndarray, extension: str = ".jp
     return ",".join(fields)
 
 
-def write_pose_csv(path: str | Path, rows: Iterable[tuple[str, np.ndarray]]) -> None:
+def write_pose_csv(
+    path: str | Path, rows: Iterable[tuple[str, np.ndarray]]
+) -> None:
     """Writes `(image_id, (16, 3) joints)` rows; like the real files, the last
     row has no trailing newline."""
     lines = [format_pose_row(image_id, joints) for image_id, joints in rows]
@@ -239,7 +298,10 @@ def format_prediction_row(image_id: str, joints_lip_xy: np.ndarray) -> str:
         raise ValueError(f"joints must have shape (16, 2+), got {joints.shape}")
     fields = [image_id]
     for x, y in joints[:, :2]:
-        fields += [str(int(x)) if np.isfinite(x) else "nan", str(int(y)) if np.isfinite(y) else "nan"]
+        fields += [
+            str(int(x)) if np.isfinite(x) else "nan",
+            str(int(y)) if np.isfinite(y) else "nan",
+        ]
     return ",".join(fields)
 
 
@@ -259,7 +321,10 @@ def parse_prediction_row(line: str) -> tuple[str, np.ndarray]:
     if not image_id:
         raise AnnotationError("prediction row has an empty image name")
     xy = np.array(
-        [_number(f, f"{image_id} field {i + 1}") for i, f in enumerate(fields[1:])],
+        [
+            _number(f, f"{image_id} field {i + 1}")
+            for i, f in enumerate(fields[1:])
+        ],
         dtype=np.float64,
     ).reshape(NUM_JOINTS, 2)
     return image_id, xy
@@ -290,16 +355,36 @@ def parse_json_record(record: dict) -> JsonAnnotation:
         AnnotationError: a missing `im_name`/`joint_self` or malformed values.
     """
     if not isinstance(record, dict) or "im_name" not in record:
-        raise AnnotationError(f"JSON record without im_name: {str(record)[:60]!r}")
+        raise AnnotationError(
+            f"JSON record without im_name: {str(record)[:60]!r}", "empty_name"
+        )
     image_id = image_id_of(str(record["im_name"]))
+    if not image_id:
+        raise AnnotationError("JSON record with an empty im_name", "empty_name")
     if "joint_self" not in record:
-        raise AnnotationError(f"{image_id}: JSON record without joint_self")
+        raise AnnotationError(
+            f"{image_id}: JSON record without joint_self",
+            "field_count",
+            image_id,
+        )
     try:
         joints = np.array(record["joint_self"], dtype=np.float64)
     except (TypeError, ValueError):
-        raise AnnotationError(f"{image_id}: joint_self is not numeric") from None
+        raise AnnotationError(
+            f"{image_id}: joint_self is not numeric", "non_numeric", image_id
+        ) from None
     if joints.shape != (NUM_JOINTS, 3):
-        raise AnnotationError(f"{image_id}: joint_self has shape {joints.shape}, expected (16, 3)")
+        raise AnnotationError(
+            f"{image_id}: joint_self has shape {joints.shape}, expected (16, 3)",
+            "field_count",
+            image_id,
+        )
+    if not np.isfinite(joints).all():
+        raise AnnotationError(
+            f"{image_id}: joint_self has a non-finite value",
+            "non_numeric",
+            image_id,
+        )
     missing = (joints[:, 0] + joints[:, 1]) == 0
     joints[missing, :] = np.nan
     center = None
@@ -307,29 +392,57 @@ def parse_json_record(record: dict) -> JsonAnnotation:
         try:
             cx, cy = (float(v) for v in record["objpos"])
         except (TypeError, ValueError):
-            raise AnnotationError(f"{image_id}: objpos is not two numbers") from None
+            raise AnnotationError(
+                f"{image_id}: objpos is not two numbers",
+                "non_numeric",
+                image_id,
+            ) from None
         center = (cx, cy)
     scale = record.get("scale_provided")
     try:
         scale = float(scale) if scale is not None else None
     except (TypeError, ValueError):
-        raise AnnotationError(f"{image_id}: scale_provided is not a number") from None
-    return JsonAnnotation(image_id=image_id, joints=joints, center=center, scale=scale)
+        raise AnnotationError(
+            f"{image_id}: scale_provided is not a number",
+            "non_numeric",
+            image_id,
+        ) from None
+    return JsonAnnotation(
+        image_id=image_id, joints=joints, center=center, scale=scale
+    )
 
 
-def read_annotation_json(path: str | Path) -> list[JsonAnnotation | AnnotationError]:
+def read_annotation_json(
+    path: str | Path,
+) -> list[JsonAnnotation | AnnotationError]:
     """All records of an authors' annotation JSON; bad records come back as
     `AnnotationError` values so that callers can route them.
 
     Raises:
         AnnotationError: the file is not JSON or has no `root` list.
     """
+    return parse_annotation_json(Path(path).read_text(), source=str(path))
+
+
+def parse_annotation_json(
+    text: str, source: str = "<json>"
+) -> list[JsonAnnotation | AnnotationError]:
+    """Like `read_annotation_json`, on the file's text; `source` names the
+    file in errors.
+
+    Raises:
+        AnnotationError: the text is not JSON or has no `root` list.
+    """
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise AnnotationError(f"{path}: not JSON ({err})") from None
+        raise AnnotationError(
+            f"{source}: not JSON ({err})", "not_json"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("root"), list):
-        raise AnnotationError(f"{path}: expected an object with a 'root' list")
+        raise AnnotationError(
+            f"{source}: expected an object with a 'root' list", "not_json"
+        )
     out: list[JsonAnnotation | AnnotationError] = []
     for record in data["root"]:
         try:
