@@ -55,7 +55,12 @@ class SynthConfig:
     def __post_init__(self):
         _check(self.train >= 1, "synth.train", self.train, "must be >= 1")
         _check(self.val >= 1, "synth.val", self.val, "must be >= 1")
-        _check(self.min_size >= 32, "synth.min_size", self.min_size, "must be >= 32")
+        _check(
+            self.min_size >= 32,
+            "synth.min_size",
+            self.min_size,
+            "must be >= 32",
+        )
         _check(
             self.max_size >= self.min_size,
             "synth.max_size",
@@ -98,13 +103,16 @@ class DataConfig:
             "must be a positive multiple of 32",
         )
         _check(
-            self.heatmap_stride >= 1 and self.image_size % self.heatmap_stride == 0,
+            self.heatmap_stride >= 1
+            and self.image_size % self.heatmap_stride == 0,
             "data.heatmap_stride",
             self.heatmap_stride,
             f"must be >= 1 and divide data.image_size ({self.image_size})",
         )
         _check(self.sigma > 0, "data.sigma", self.sigma, "must be > 0")
-        _check(self.aux_sigma > 0, "data.aux_sigma", self.aux_sigma, "must be > 0")
+        _check(
+            self.aux_sigma > 0, "data.aux_sigma", self.aux_sigma, "must be > 0"
+        )
         _check(
             self.edge_width >= 1 and self.edge_width % 2 == 1,
             "data.edge_width",
@@ -222,7 +230,10 @@ def to_dict(config: Any) -> dict[str, Any]:
 
     def plain(value):
         if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return {
+                f.name: plain(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+            }
         if isinstance(value, Mapping):
             return {k: plain(v) for k, v in value.items()}
         if isinstance(value, (tuple, list)):
@@ -257,7 +268,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key} = {value!r}: expected a mapping of {tp.__name__} keys")
+            raise ConfigError(
+                f"{key} = {value!r}: expected a mapping of {tp.__name__} keys"
+            )
         return _build(tp, value, key)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -273,16 +286,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{key} = {value!r}: expected one of {list(args)}")
+            raise ConfigError(
+                f"{key} = {value!r}: expected one of {list(args)}"
+            )
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} = {value!r}: expected a list")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+            return tuple(
+                _coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)
+            )
         if len(value) != len(args):
-            raise ConfigError(f"{key} = {value!r}: expected a list of {len(args)} values")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            raise ConfigError(
+                f"{key} = {value!r}: expected a list of {len(args)} values"
+            )
+        return tuple(
+            _coerce(v, a, f"{key}[{i}]")
+            for i, (v, a) in enumerate(zip(value, args))
+        )
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} = {value!r}: expected true or false")
@@ -334,7 +356,9 @@ def _apply_override(tree: dict, override: str) -> None:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {override!r}: value is not YAML ({err})") from err
+        raise ConfigError(
+            f"override {override!r}: value is not YAML ({err})"
+        ) from err
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})
@@ -373,7 +397,9 @@ def load_config(
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {tree!r}")
+        raise ConfigError(
+            f"{path}: expected a mapping at the top level, got {tree!r}"
+        )
     source = str(path)
     for override in overrides:
         try:

@@ -113,9 +113,43 @@ MODEL_JOINT_NAMES: tuple[str, ...] = (
 )
 
 # Model channel k takes LIP joint LIP_TO_MODEL[k] (the authors' loader).
-LIP_TO_MODEL: tuple[int, ...] = (9, 8, 12, 11, 10, 13, 14, 15, 2, 1, 0, 3, 4, 5, 7, 6)
+LIP_TO_MODEL: tuple[int, ...] = (
+    9,
+    8,
+    12,
+    11,
+    10,
+    13,
+    14,
+    15,
+    2,
+    1,
+    0,
+    3,
+    4,
+    5,
+    7,
+    6,
+)
 # LIP joint k takes model channel MODEL_TO_LIP[k] (the authors' CSV writer).
-MODEL_TO_LIP: tuple[int, ...] = (10, 9, 8, 11, 12, 13, 15, 14, 1, 0, 4, 3, 2, 5, 6, 7)
+MODEL_TO_LIP: tuple[int, ...] = (
+    10,
+    9,
+    8,
+    11,
+    12,
+    13,
+    15,
+    14,
+    1,
+    0,
+    4,
+    3,
+    2,
+    5,
+    6,
+    7,
+)
 
 # Left/right joint pairs, swapped by a horizontal flip.
 MODEL_FLIP_PAIRS: tuple[tuple[int, int], ...] = (
@@ -168,7 +202,9 @@ def _flip_permutation(size: int, pairs) -> tuple[int, ...]:
 
 # Channel k of a flipped prediction holds what channel MODEL_FLIP_PERM[k]
 # holds for the unflipped image (an involution).
-MODEL_FLIP_PERM: tuple[int, ...] = _flip_permutation(NUM_JOINTS, MODEL_FLIP_PAIRS)
+MODEL_FLIP_PERM: tuple[int, ...] = _flip_permutation(
+    NUM_JOINTS, MODEL_FLIP_PAIRS
+)
 LIP_FLIP_PERM: tuple[int, ...] = _flip_permutation(NUM_JOINTS, LIP_FLIP_PAIRS)
 PARSING_FLIP_PERM: tuple[int, ...] = _flip_permutation(
     NUM_CLASSES, PARSING_FLIP_PAIRS

@@ -14,7 +14,6 @@ import os
 import sys
 import warnings
 
-
 log = logging.getLogger("nppnet")
 
 
@@ -24,7 +23,9 @@ def command_modules() -> list[str]:
 
     import pipeline.commands
 
-    return sorted(m.name for m in pkgutil.iter_modules(pipeline.commands.__path__))
+    return sorted(
+        m.name for m in pkgutil.iter_modules(pipeline.commands.__path__)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,9 +60,13 @@ def setup_logging(level: str) -> None:
     # TensorFlow's C++ start-up chatter and Google client libraries' Python
     # support notices drown the useful lines.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\..*")
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, module=r"google\..*"
+    )
     for noisy in ("absl", "apache_beam", "tensorflow", "h5py", "matplotlib"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+        logging.getLogger(noisy).setLevel(
+            max(logging.WARNING, logging.getLogger().level)
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

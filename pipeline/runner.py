@@ -113,14 +113,18 @@ def _config_hash(config: RunConfig, sections: Sequence[str]) -> str:
 
 
 def _input_fingerprint(results: Mapping[str, Mapping[str, Any]]) -> str:
-    text = json.dumps({k: v.get("fingerprint") for k, v in results.items()}, sort_keys=True)
+    text = json.dumps(
+        {k: v.get("fingerprint") for k, v in results.items()}, sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(
+        json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    )
     tmp.replace(path)
 
 
@@ -199,9 +203,13 @@ def run_stages(
     """
     names = [s.name for s in stages]
     if from_stage is not None and from_stage not in names:
-        raise ValueError(f"--from {from_stage!r}: not a stage of this run ({', '.join(names)})")
+        raise ValueError(
+            f"--from {from_stage!r}: not a stage of this run ({', '.join(names)})"
+        )
     work_dir = Path(config.run.work_dir)
-    context = StageContext(config=config, work_dir=work_dir, results={}, force=force)
+    context = StageContext(
+        config=config, work_dir=work_dir, results={}, force=force
+    )
     records: list[StageRecord] = []
     rerun = force
     version = code_version()
@@ -224,7 +232,9 @@ def run_stages(
         )
         if up_to_date:
             log.info("stage %s: up to date, skipped", stage.name)
-            record = StageRecord(stage.name, "skipped", 0.0, previous["outputs"])
+            record = StageRecord(
+                stage.name, "skipped", 0.0, previous["outputs"]
+            )
             context.results[stage.name] = previous["outputs"]
             records.append(record)
             continue
@@ -240,7 +250,9 @@ def run_stages(
             "stage": stage.name,
             "config_hash": config_hash,
             "inputs": inputs,
-            "input_stages": {k: v.get("fingerprint") for k, v in context.results.items()},
+            "input_stages": {
+                k: v.get("fingerprint") for k, v in context.results.items()
+            },
             "code_version": version,
             "started": dt.datetime.now().isoformat(timespec="seconds"),
         }
@@ -250,9 +262,16 @@ def run_stages(
             seconds = time.time() - started
             _write_json(
                 manifest_path,
-                {**manifest, "status": "failed", "seconds": seconds, "error": repr(err)},
+                {
+                    **manifest,
+                    "status": "failed",
+                    "seconds": seconds,
+                    "error": repr(err),
+                },
             )
-            record = StageRecord(stage.name, "failed", seconds, {"error": str(err)})
+            record = StageRecord(
+                stage.name, "failed", seconds, {"error": str(err)}
+            )
             records.append(record)
             if on_stage_end:
                 on_stage_end(stage, record)
@@ -266,7 +285,12 @@ def run_stages(
             raise AssertionError(f"stage {stage.name} returned no fingerprint")
         _write_json(
             manifest_path,
-            {**manifest, "status": "succeeded", "seconds": seconds, "outputs": outputs},
+            {
+                **manifest,
+                "status": "succeeded",
+                "seconds": seconds,
+                "outputs": outputs,
+            },
         )
         status = "skipped" if outputs.get("skipped") else "ran"
         record = StageRecord(stage.name, status, seconds, outputs)

@@ -72,7 +72,9 @@ def preprocess(context: StageContext) -> dict[str, Any]:
         "input_fingerprint": manifest.get("input_fingerprint"),
         "skipped": bool(manifest.get("skipped", False)),
         "fingerprint": fingerprint_of(
-            manifest.get("input_fingerprint"), manifest.get("config"), manifest.get("counts")
+            manifest.get("input_fingerprint"),
+            manifest.get("config"),
+            manifest.get("counts"),
         ),
     }
 
@@ -114,7 +116,9 @@ def build_stages(config) -> list[Stage]:
     """The stages `nppnet run` runs for this config, in order."""
     stages = []
     if not config.run.lip_root:
-        stages.append(Stage("synth", ("synth",), synthesise, _path_exists("lip_root")))
+        stages.append(
+            Stage("synth", ("synth",), synthesise, _path_exists("lip_root"))
+        )
     stages += [
         Stage(
             "preprocess",

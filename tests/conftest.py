@@ -15,5 +15,8 @@ import tensorflow as tf  # noqa: E402
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0],
-    [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
+    [
+        tf.config.LogicalDeviceConfiguration(),
+        tf.config.LogicalDeviceConfiguration(),
+    ],
 )

@@ -54,8 +54,8 @@ PRIMITIVES_INTER: tuple[str, ...] = (
 # DARTS' `none` first (excluded when a genotype is derived), PRIMITIVES_PC,
 # then the decoder-only op that the authors' parsing decoder uses. It covers
 # every op of the authors' encoder and decoder genotypes.
-PRIMITIVES_ENCODER_DECODER: tuple[str, ...] = ("none",) + PRIMITIVES_PC + (
-    "poled_conv_x1",
+PRIMITIVES_ENCODER_DECODER: tuple[str, ...] = (
+    ("none",) + PRIMITIVES_PC + ("poled_conv_x1",)
 )
 
 # Ops without learnable weights, for the "share of parameter-free ops" monitor.

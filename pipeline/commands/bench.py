@@ -20,6 +20,8 @@ def register(subparsers) -> None:
     )
     benches = parser.add_subparsers(dest="bench", metavar="BENCHMARK")
     benches.required = True
-    for info in sorted(pkgutil.iter_modules(pipeline.bench.__path__), key=lambda m: m.name):
+    for info in sorted(
+        pkgutil.iter_modules(pipeline.bench.__path__), key=lambda m: m.name
+    ):
         module = importlib.import_module(f"pipeline.bench.{info.name}")
         module.register(benches)

@@ -20,15 +20,28 @@ def register(subparsers) -> None:
         ),
     )
     add_config_arguments(parser)
-    parser.add_argument("--lip-root", help="LIP release folder (overrides run.lip_root)")
-    parser.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run from this stage on")
-    parser.add_argument("--force", action="store_true", help="re-run every stage")
+    parser.add_argument(
+        "--lip-root", help="LIP release folder (overrides run.lip_root)"
+    )
+    parser.add_argument(
+        "--from",
+        dest="from_stage",
+        metavar="STAGE",
+        help="re-run from this stage on",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="re-run every stage"
+    )
     parser.set_defaults(handler=handle)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """`--config FILE` and repeatable `--set section.key=value`."""
-    parser.add_argument("--config", required=True, help="run config YAML (e.g. configs/demo.yaml)")
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="run config YAML (e.g. configs/demo.yaml)",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -58,7 +71,9 @@ def handle(args: argparse.Namespace) -> int:
     )
     try:
         with RunLock(config.run.work_dir):
-            records = run_stages(stages, config, force=args.force, from_stage=args.from_stage)
+            records = run_stages(
+                stages, config, force=args.force, from_stage=args.from_stage
+            )
     except StageFailed as err:
         log.error("%s", err)
         return err.exit_code
@@ -70,11 +85,15 @@ def summary(config, records) -> str:
     """The end-of-run summary: what ran, what was skipped, where results are."""
     lines = [f"nppnet run finished: work dir {config.run.work_dir}"]
     for record in records:
-        lines.append(f"  {record.name:<12} {record.status:<8} {record.seconds:7.1f} s")
+        lines.append(
+            f"  {record.name:<12} {record.status:<8} {record.seconds:7.1f} s"
+        )
     results = {r.name: r.outputs for r in records}
     if "preprocess" in results:
         pre = results["preprocess"]
-        lines.append(f"  records:      {pre['records']} {pre.get('counts', {})}")
+        lines.append(
+            f"  records:      {pre['records']} {pre.get('counts', {})}"
+        )
         if pre.get("dead_letters"):
             lines.append(f"  dead letters: {pre['dead_letters']}")
     if "validate" in results and results["validate"].get("statistics"):

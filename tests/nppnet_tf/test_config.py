@@ -39,15 +39,39 @@ def test_override_replaces_one_key(tmp_path):
 @pytest.mark.parametrize(
     "text, overrides, fragments",
     [
-        ("data: {imagesize: 64}\n", [], ["unknown key data.imagesize", "image_size"]),
+        (
+            "data: {imagesize: 64}\n",
+            [],
+            ["unknown key data.imagesize", "image_size"],
+        ),
         ("datta: {}\n", [], ["unknown key datta"]),
-        ("data: {image_size: big}\n", [], ["data.image_size", "'big'", "integer"]),
-        ("data: {image_size: 100}\n", [], ["data.image_size = 100", "multiple of 32"]),
+        (
+            "data: {image_size: big}\n",
+            [],
+            ["data.image_size", "'big'", "integer"],
+        ),
+        (
+            "data: {image_size: 100}\n",
+            [],
+            ["data.image_size = 100", "multiple of 32"],
+        ),
         ("data: {sigma: -1}\n", [], ["data.sigma = -1", "> 0"]),
-        ("data: {include_test: 1}\n", [], ["data.include_test = 1", "true or false"]),
-        ("beam: {pipeline_args: --runner=X}\n", [], ["beam.pipeline_args", "list"]),
+        (
+            "data: {include_test: 1}\n",
+            [],
+            ["data.include_test = 1", "true or false"],
+        ),
+        (
+            "beam: {pipeline_args: --runner=X}\n",
+            [],
+            ["beam.pipeline_args", "list"],
+        ),
         ("data: 3\n", [], ["data = 3", "mapping"]),
-        ("", ["data.image_size=33"], ["--set data.image_size=33", "multiple of 32"]),
+        (
+            "",
+            ["data.image_size=33"],
+            ["--set data.image_size=33", "multiple of 32"],
+        ),
         ("", ["data.nope=1"], ["unknown key data.nope"]),
         ("", ["image_size"], ["expected section.key=value"]),
     ],

@@ -16,7 +16,9 @@ from pipeline.runner import (
 
 
 def make_config(tmp_path, seed=0):
-    return RunConfig(run=RunSection(work_dir=str(tmp_path)), synth=SynthConfig(seed=seed))
+    return RunConfig(
+        run=RunSection(work_dir=str(tmp_path)), synth=SynthConfig(seed=seed)
+    )
 
 
 class Recorder:
@@ -30,7 +32,11 @@ class Recorder:
             if name in self.fail:
                 raise RuntimeError(f"{name} broke")
             upstream = [v["fingerprint"] for v in context.results.values()]
-            return {"fingerprint": fingerprint_of(name, upstream, context.config.synth.seed)}
+            return {
+                "fingerprint": fingerprint_of(
+                    name, upstream, context.config.synth.seed
+                )
+            }
 
         return Stage(name, sections, run)
 
@@ -47,7 +53,11 @@ def test_second_run_skips_everything(tmp_path):
 
 def test_config_change_reruns_that_stage_and_after(tmp_path):
     rec = Recorder()
-    stages = [rec.stage("a", ("data",)), rec.stage("b", ("synth",)), rec.stage("c", ("loss",))]
+    stages = [
+        rec.stage("a", ("data",)),
+        rec.stage("b", ("synth",)),
+        rec.stage("c", ("loss",)),
+    ]
     run_stages(stages, make_config(tmp_path))
     rec.calls.clear()
     records = run_stages(stages, make_config(tmp_path, seed=5))
@@ -90,14 +100,18 @@ def test_deleted_output_reruns(tmp_path):
         out.write_text("x")
         return {"path": str(out), "fingerprint": "f"}
 
-    stage = Stage("w", (), run, outputs_exist=lambda o: (tmp_path / "out.txt").exists())
+    stage = Stage(
+        "w", (), run, outputs_exist=lambda o: (tmp_path / "out.txt").exists()
+    )
     run_stages([stage], make_config(tmp_path))
     out.unlink()
     records = run_stages([stage], make_config(tmp_path))
     assert records[0].status == "ran" and out.exists()
 
 
-def test_always_run_stage_keeps_downstream_skipped_when_fingerprint_same(tmp_path):
+def test_always_run_stage_keeps_downstream_skipped_when_fingerprint_same(
+    tmp_path,
+):
     rec = Recorder()
     calls = []
 
@@ -105,7 +119,10 @@ def test_always_run_stage_keeps_downstream_skipped_when_fingerprint_same(tmp_pat
         calls.append(1)
         return {"fingerprint": "same", "skipped": len(calls) > 1}
 
-    stages = [Stage("check", (), checker, always_run=True), rec.stage("after", ())]
+    stages = [
+        Stage("check", (), checker, always_run=True),
+        rec.stage("after", ()),
+    ]
     run_stages(stages, make_config(tmp_path))
     records = run_stages(stages, make_config(tmp_path))
     assert [r.status for r in records] == ["skipped", "skipped"]
