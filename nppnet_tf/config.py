@@ -133,6 +133,60 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Random training augmentation of the crop (reference 6.3).
+
+    Attributes:
+        scale_min: smallest random scale multiplier of `S / max(H, W)`.
+        scale_max: largest random scale multiplier.
+        max_rotation: rotation angles are drawn from
+            `U[-max_rotation, max_rotation]` degrees.
+        max_offset: the crop centre moves by integers in
+            `[-max_offset, max_offset]` pixels per axis, in pixels of the
+            configured crop (the authors: 40 at a 384 crop).
+        flip_probability: chance of a horizontal flip.
+    """
+
+    scale_min: float = 0.5
+    scale_max: float = 1.5
+    max_rotation: float = 40.0
+    max_offset: int = 40
+    flip_probability: float = 0.5
+
+    def __post_init__(self):
+        _check(
+            self.scale_min > 0,
+            "augment.scale_min",
+            self.scale_min,
+            "must be > 0",
+        )
+        _check(
+            self.scale_max >= self.scale_min,
+            "augment.scale_max",
+            self.scale_max,
+            f"must be >= augment.scale_min ({self.scale_min})",
+        )
+        _check(
+            0 <= self.max_rotation <= 180,
+            "augment.max_rotation",
+            self.max_rotation,
+            "must be in [0, 180] degrees",
+        )
+        _check(
+            self.max_offset >= 0,
+            "augment.max_offset",
+            self.max_offset,
+            "must be >= 0",
+        )
+        _check(
+            0 <= self.flip_probability <= 1,
+            "augment.flip_probability",
+            self.flip_probability,
+            "must be in [0, 1]",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class BeamConfig:
     """Apache Beam options of the preprocessing job.
 
@@ -217,6 +271,7 @@ class RunConfig:
     run: RunSection = RunSection()
     synth: SynthConfig = SynthConfig()
     data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
     beam: BeamConfig = BeamConfig()
     validate: ValidateConfig = ValidateConfig()
     loss: LossConfig = LossConfig()
