@@ -4,11 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nppnet_tf.metrics.confusion import (
-    ConfusionMatrix,
-    StreamingConfusionMatrix,
-    confusion_matrix,
-)
+from nppnet_tf.metrics.confusion import ConfusionMatrix, confusion_matrix
+from nppnet_tf.metrics.streaming_confusion import StreamingConfusionMatrix
 
 
 def reference_confusion(labels, predictions, num_classes):
