@@ -11,6 +11,7 @@ routes to the dead-letter output.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 
 import numpy as np
@@ -252,6 +253,48 @@ def person_center_and_scale(
     return np.asarray(center, dtype=np.float32), float(scale)
 
 
+@functools.lru_cache(maxsize=8)
+def _crop_and_targets_fn(
+    image_size: int,
+    stride: int,
+    sigma: float,
+    aux_sigma: float,
+    edge_width: int,
+):
+    """One traced graph for the crop and its targets: a single TensorFlow
+    call per example instead of a few hundred eager ops."""
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], tf.uint8),
+            tf.TensorSpec([NUM_JOINTS, 2], tf.float32),
+            tf.TensorSpec([NUM_JOINTS], tf.bool),
+            tf.TensorSpec([2], tf.float32),
+        ]
+    )
+    def crop_and_targets(label, keypoints, present, center):
+        shape = tf.shape(label)
+        crop = geometry.canonical_crop(shape[0], shape[1], center, image_size)
+        crop_keypoints = geometry.transform_points(keypoints, crop["matrix"])
+        crop_label = geometry.warp_label(label, crop["matrix"], image_size)
+        return {
+            "crop_matrix": crop["matrix"],
+            "crop_params": crop["params"],
+            "crop_scale": crop["scale"],
+            "crop_keypoints": crop_keypoints,
+            "crop_label": crop_label,
+            "crop_edge": targets.edge_map(crop_label, edge_width),
+            "crop_heatmaps": targets.heatmaps(
+                crop_keypoints, present, image_size, stride, sigma
+            ),
+            "crop_heatmaps_aux": targets.heatmaps(
+                crop_keypoints, present, image_size, stride, aux_sigma
+            ),
+        }
+
+    return crop_and_targets
+
+
 def build_sample(
     row: LIPRow,
     image_jpeg: bytes,
@@ -301,13 +344,22 @@ def build_sample(
         row.center,
         row.scale,
     )
-    size = config.image_size
-    crop = geometry.canonical_crop(height, width, center, size)
-    safe_keypoints = np.where(present[:, None], keypoints, 0.0)
-    crop_keypoints = geometry.transform_points(
-        safe_keypoints, crop["matrix"]
-    ).numpy()
-    crop_label = geometry.warp_label(label, crop["matrix"], size)
+    crop_and_targets = _crop_and_targets_fn(
+        config.image_size,
+        config.heatmap_stride,
+        config.sigma,
+        config.aux_sigma,
+        config.edge_width,
+    )
+    safe_keypoints = np.where(present[:, None], keypoints, 0.0).astype(
+        np.float32
+    )
+    crop = {
+        key: value.numpy()
+        for key, value in crop_and_targets(
+            label, safe_keypoints, present, center
+        ).items()
+    }
     sample = {
         "image_id": row.image_id,
         "split": row.split,
@@ -320,21 +372,7 @@ def build_sample(
         "person_center": center,
         "person_scale": scale,
         "heatmap_stride": config.heatmap_stride,
-        "crop_matrix": crop["matrix"].numpy(),
-        "crop_params": crop["params"].numpy(),
-        "crop_scale": float(crop["scale"].numpy()),
-        "crop_keypoints": crop_keypoints,
-        "crop_label": crop_label.numpy(),
-        "crop_edge": targets.edge_map(crop_label, config.edge_width).numpy(),
-        "crop_heatmaps": targets.heatmaps(
-            crop_keypoints, present, size, config.heatmap_stride, config.sigma
-        ).numpy(),
-        "crop_heatmaps_aux": targets.heatmaps(
-            crop_keypoints,
-            present,
-            size,
-            config.heatmap_stride,
-            config.aux_sigma,
-        ).numpy(),
+        "crop_scale": float(crop.pop("crop_scale")),
+        **crop,
     }
     return sample

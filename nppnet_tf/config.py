@@ -218,10 +218,15 @@ class ValidateConfig:
             there on the first run if absent).
         skew_threshold: L-infinity distance above which a train/val skew on a
             scalar feature is an anomaly.
+        skew_min_examples: the skew check runs only when train and val both
+            have at least this many records; below it the sampling noise of
+            the L-infinity distance (about 1 / sqrt(n)) exceeds any useful
+            threshold, and the report says the check was skipped.
     """
 
     schema: str = "configs/schema/lip_records.pbtxt"
     skew_threshold: float = 0.3
+    skew_min_examples: int = 100
 
     def __post_init__(self):
         _check(
@@ -229,6 +234,12 @@ class ValidateConfig:
             "validate.skew_threshold",
             self.skew_threshold,
             "must be in (0, 1]",
+        )
+        _check(
+            self.skew_min_examples >= 0,
+            "validate.skew_min_examples",
+            self.skew_min_examples,
+            "must be >= 0",
         )
 
 
