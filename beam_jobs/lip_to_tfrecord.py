@@ -566,7 +566,7 @@ def preprocess(
     if (
         not force
         and previous is not None
-        and previous.get("fingerprint") == fingerprint
+        and previous.get("input_fingerprint") == fingerprint
         and previous.get("job_key") == job_key
         and _outputs_present(out_dir, previous)
     ):
@@ -624,8 +624,8 @@ def preprocess(
         "out_dir": out_dir,
         "splits": splits,
         "annotation_json": annotation_json,
-        "data_config": to_dict(data_config),
-        "fingerprint": fingerprint,
+        "config": to_dict(data_config),
+        "input_fingerprint": fingerprint,
         "num_input_files": len(files),
         "job_key": job_key,
         "runner": runner_name,
@@ -634,7 +634,8 @@ def preprocess(
         "seconds": round(seconds, 2),
         "counts": split_counts,
         "num_examples": num_examples,
-        "dead_letters": {"total": num_dead, "by_reason": reasons},
+        "num_dead_letters": num_dead,
+        "dead_letter_counts": reasons,
         "input_records": metrics.get("input_records", num_examples + num_dead),
         "metrics": metrics,
         "outputs": outputs,
@@ -728,7 +729,7 @@ if __name__ == "__main__":
     summary = run()
     sys.stdout.write(
         json.dumps(
-            {k: summary[k] for k in ("counts", "dead_letters", "skipped")}
+            {k: summary[k] for k in ("counts", "dead_letter_counts", "skipped")}
         )
         + "\n"
     )

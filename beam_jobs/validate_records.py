@@ -47,6 +47,7 @@ from beam_jobs.lip_to_tfrecord import (
     output_splits,
     pipeline_options,
 )
+from nppnet_tf.config import ValidateConfig
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ def report_text(report: dict[str, Any]) -> str:
                 f"  [{item['split']}] {item['feature']}: {item['short_description']} "
                 f"({item['severity']}): {item['description']}"
             )
-    lines.append(f"statistics and report: {report['out_dir']}")
+    lines.append(f"statistics and report: {report['statistics_dir']}")
     return "\n".join(lines) + "\n"
 
 
@@ -299,7 +300,7 @@ def validate(
     schema_path: str,
     skew_threshold: float,
     pipeline_args: Sequence[str] = (),
-    skew_min_examples: int = 0,
+    skew_min_examples: int = ValidateConfig().skew_min_examples,
 ) -> dict[str, Any]:
     """Statistics per split, schema (inferred if absent), anomalies, skew.
 
@@ -315,7 +316,7 @@ def validate(
     Returns:
         The report: `anomalies` (list of dicts with split, feature,
         severity, short_description, description), `num_examples` per
-        split, `schema`, `schema_inferred`, `out_dir`, `outputs`. Anomalies
+        split, `schema`, `schema_inferred`, `statistics_dir`, `outputs`. Anomalies
         raise nothing; callers decide (the CLI exits with code 3).
 
     Raises:
@@ -327,7 +328,8 @@ def validate(
     records_dir = str(records_dir).rstrip("/")
     splits = record_splits(records_dir)
     out_dir = FileSystems.join(records_dir, VALIDATION_DIR)
-    FileSystems.mkdirs(out_dir) if not FileSystems.exists(out_dir) else None
+    if not FileSystems.exists(out_dir):
+        FileSystems.mkdirs(out_dir)
     started = time.time()
     log.info(
         "computing TFDV statistics of %s (%s)", records_dir, ", ".join(splits)
@@ -432,7 +434,7 @@ def validate(
     outputs["facets_html"] = facets_path
     report = {
         "records_dir": records_dir,
-        "out_dir": out_dir,
+        "statistics_dir": out_dir,
         "schema": str(schema_path),
         "schema_inferred": inferred,
         "num_examples": num_examples,
@@ -462,8 +464,6 @@ def load_report(records_dir: str) -> dict[str, Any]:
 def run(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; unknown flags are Beam pipeline options.
     Returns 3 when the gate fails (anomalies), else 0."""
-    from nppnet_tf.config import ValidateConfig
-
     defaults = ValidateConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", required=True)

@@ -168,12 +168,13 @@ def test_preprocess_writes_decodable_records_and_skips_reruns(tmp_path):
     assert manifest["counts"]["train"] == 6
     assert manifest["counts"]["val"] == 2
     assert manifest["counts"]["test"] == 2
-    assert manifest["dead_letters"] == {"total": 0, "by_reason": {}}
+    assert manifest["num_dead_letters"] == 0
+    assert manifest["dead_letter_counts"] == {}
     assert manifest["input_records"] == 10
     assert manifest["bytes_per_example"] > 0
     assert (
-        json.loads((out / "manifest.json").read_text())["fingerprint"]
-        == manifest["fingerprint"]
+        json.loads((out / "manifest.json").read_text())["input_fingerprint"]
+        == manifest["input_fingerprint"]
     )
     assert len(list((out / "train").glob("train-*-of-00002.tfrecord.gz"))) == 2
     assert (
@@ -247,7 +248,7 @@ def test_preprocess_writes_decodable_records_and_skips_reruns(tmp_path):
     changed = preprocess(str(fixture.root), str(out), config, progress=False)
     assert (
         not changed["skipped"]
-        and changed["fingerprint"] != manifest["fingerprint"]
+        and changed["input_fingerprint"] != manifest["input_fingerprint"]
     )
 
 
