@@ -250,7 +250,9 @@ class LossConfig:
     Attributes:
         ohem_threshold: OHEM keeps pixels whose ground-truth probability is
             below max(this, the min_kept-th smallest probability).
-        ohem_min_kept: minimum number of pixels OHEM keeps per replica batch.
+        ohem_min_kept: minimum number of pixels OHEM keeps in the global
+            batch (all replicas together; the authors count per GPU, so
+            their setting is 131072 x global_batch / 16 at 384x384).
         pose_lambda_init: initial uncertainty weight of the pose loss.
         parsing_lambda_init: initial uncertainty weight of the parsing loss.
     """

@@ -20,3 +20,12 @@ tf.config.set_logical_device_configuration(
         tf.config.LogicalDeviceConfiguration(),
     ],
 )
+
+
+def fresh_mirrored_strategy(devices=None):
+    """A MirroredStrategy whose collective keys do not collide with those of
+    strategies made earlier in this process (TensorFlow's own tests do the
+    same): two strategies sharing keys abort an all_gather whose shapes
+    differ with "Shape mismatch in the collective instance"."""
+    tf.distribute.MirroredStrategy._collective_key_base += 100000
+    return tf.distribute.MirroredStrategy(devices)
