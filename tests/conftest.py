@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 _cpus = tf.config.list_physical_devices("CPU")
@@ -22,10 +23,17 @@ tf.config.set_logical_device_configuration(
 )
 
 
-def fresh_mirrored_strategy(devices=None):
-    """A MirroredStrategy whose collective keys do not collide with those of
-    strategies made earlier in this process (TensorFlow's own tests do the
-    same): two strategies sharing keys abort an all_gather whose shapes
-    differ with "Shape mismatch in the collective instance"."""
-    tf.distribute.MirroredStrategy._collective_key_base += 100000
-    return tf.distribute.MirroredStrategy(devices)
+
+@pytest.fixture
+def make_mirrored_strategy():
+    """Factory of MirroredStrategy objects whose collective keys do not
+    collide with those of strategies made earlier in this process (as
+    TensorFlow's own tests do): two strategies sharing keys abort an
+    all_gather whose shapes differ ("Shape mismatch in the collective
+    instance")."""
+
+    def make(devices=None):
+        tf.distribute.MirroredStrategy._collective_key_base += 100000
+        return tf.distribute.MirroredStrategy(devices)
+
+    return make
