@@ -148,6 +148,10 @@ def _anomaly_list(anomalies, split: str) -> list[dict[str, Any]]:
                 ),
                 "short_description": info.short_description,
                 "description": info.description,
+                "reasons": [
+                    anomalies_pb2.AnomalyInfo.Type.Name(reason.type)
+                    for reason in info.reason
+                ],
             }
         )
     if anomalies.HasField("dataset_anomaly_info"):
@@ -207,11 +211,16 @@ def _feature_rows(stats) -> list[tuple[str, str, str, str]]:
             )
         else:
             common = feature.string_stats.common_stats
+            strings = feature.string_stats
             top = ", ".join(
                 f"{v.value} ({v.frequency:.0f})"
-                for v in feature.string_stats.top_values[:5]
+                for v in strings.top_values[:5]
+                if v.value != "__BYTES_VALUE__"  # binary: no readable value
             )
-            summary = f"unique {feature.string_stats.unique}; top {top}"
+            summary = (
+                f"unique {strings.unique}, avg length {strings.avg_length:.0f}"
+                + (f"; top {top}" if top else "")
+            )
         presence = (
             f"{common.num_non_missing}/{common.num_non_missing + common.num_missing}, "
             f"values {common.min_num_values}..{common.max_num_values}"
@@ -401,7 +410,8 @@ def validate(
         anomalies += [
             item
             for item in _anomaly_list(result, "train/val")
-            if item["feature"] in SKEW_FEATURES
+            # Only the comparisons: schema anomalies of train are reported above.
+            if any(r.startswith("COMPARATOR_") for r in item.get("reasons", []))
         ]
     if "search_weights" in num_examples and "train" in num_examples:
         halves = num_examples["search_weights"] + num_examples.get(

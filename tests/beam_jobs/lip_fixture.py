@@ -67,7 +67,7 @@ class LIPFixture:
         self, height: int, width: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A random image, a label with a few class rectangles, and joints
-        (LIP order) inside the person box, two of them absent."""
+        (LIP order) inside the person box, up to three of them absent."""
         image = self.rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         label = np.zeros((height, width), np.uint8)
         x0, y0 = width // 4, height // 8
@@ -79,7 +79,8 @@ class LIPFixture:
         joints[:, 0] = self.rng.integers(x0, x1, NUM_JOINTS)
         joints[:, 1] = self.rng.integers(y0, y1, NUM_JOINTS)
         joints[:, 2] = self.rng.integers(0, 2, NUM_JOINTS)
-        joints[self.rng.choice(NUM_JOINTS, 2, replace=False)] = np.nan
+        missing = self.rng.integers(0, 4)
+        joints[self.rng.choice(NUM_JOINTS, missing, replace=False)] = np.nan
         return image, label, joints
 
     def add(
