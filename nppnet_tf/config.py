@@ -278,6 +278,31 @@ class LossConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking (MLflow) and TensorBoard.
+
+    Attributes:
+        uri: MLflow tracking URI; None uses `$MLFLOW_TRACKING_URI`, else the
+            embedded store `sqlite:///<run.work_dir>/mlflow.db` with
+            artifacts under `<run.work_dir>/mlartifacts`.
+        experiment: MLflow experiment name.
+        enabled: False runs without MLflow (TensorBoard still written).
+    """
+
+    uri: str | None = None
+    experiment: str = "nppnet"
+    enabled: bool = True
+
+    def __post_init__(self):
+        _check(
+            bool(self.experiment.strip()),
+            "tracking.experiment",
+            self.experiment,
+            "must not be empty",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """One whole run, as one YAML file describes it."""
 
@@ -288,6 +313,7 @@ class RunConfig:
     beam: BeamConfig = BeamConfig()
     validate: ValidateConfig = ValidateConfig()
     loss: LossConfig = LossConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
