@@ -380,9 +380,11 @@ def pipeline_options(
     """Beam options from standard flags, and the runner to use.
 
     Without `--runner` the job runs in-process on the FnApiRunner (no
-    download, no network; 2+ workers run as local subprocesses);
-    otherwise the named runner (FlinkRunner, SparkRunner, DataflowRunner,
-    ...) is used with the flags as given.
+    download, no network). With 2+ workers it runs them as threads
+    (`multi_threading`, the faster mode here: TensorFlow and zlib release
+    the GIL) unless `--direct_running_mode=multi_processing` asks for local
+    subprocesses. With `--runner` the named runner (FlinkRunner,
+    SparkRunner, DataflowRunner, ...) is used with the flags as given.
 
     Returns:
         `(options, runner)`; runner is a runner instance or None (the
@@ -395,8 +397,12 @@ def pipeline_options(
 
     direct = options.view_as(DirectOptions)
     direct.direct_num_workers = direct_num_workers
-    if direct_num_workers > 1:
-        direct.direct_running_mode = "multi_processing"
+    mode_given = any(
+        a.startswith("--direct_running_mode") for a in pipeline_args
+    )
+    if direct_num_workers > 1 and not mode_given:
+        direct.direct_running_mode = "multi_threading"
+    if direct.direct_running_mode == "multi_processing":
         # Subprocess workers must import nppnet_tf and beam_jobs even when
         # the project is not pip-installed.
         root = str(Path(__file__).resolve().parents[1])

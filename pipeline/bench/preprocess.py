@@ -1,10 +1,11 @@
 """`nppnet bench preprocess`: throughput and record size of the Beam job.
 
 Writes a synthetic LIP, then runs `beam_jobs.lip_to_tfrecord.preprocess`
-(forced, in-process FnApiRunner) once per crop size and worker count, and
+(forced, in-process FnApiRunner) once per crop size and worker count (2+
+workers: as threads and as subprocesses), and
 reports examples per second (pipeline wall time, start-up included) and
 bytes per example (GZIP shards on disk, and serialized records before
-compression). Results go to `--out` as JSON; the Markdown table printed at
+compression), after one untimed warm-up run. Results go to `--out` as JSON; the Markdown table printed at
 the end is the one in docs/data.md, "Benchmark".
 """
 
@@ -88,6 +89,15 @@ def run_benchmark(
     from nppnet_tf.config import DataConfig
 
     results = []
+    # Untimed warm-up: the first run in a process also pays TensorFlow's and
+    # Beam's one-time start-up, which would bias whichever setting runs first.
+    preprocess(
+        lip_root,
+        str(work_dir / "warmup"),
+        DataConfig(image_size=image_sizes[0], shards=1),
+        force=True,
+        progress=False,
+    )
     for size in image_sizes:
         # The paper's sigmas are for 384 crops; scale them with the crop.
         config = DataConfig(
@@ -97,47 +107,55 @@ def run_benchmark(
             shards=2,
         )
         for count in workers:
-            out = work_dir / f"records_{size}_{count}"
-            started = time.time()
-            manifest = preprocess(
-                lip_root,
-                str(out),
-                config,
-                direct_num_workers=count,
-                force=True,
-                progress=False,
+            modes = (
+                ["in_memory"]
+                if count == 1
+                else ["multi_threading", "multi_processing"]
             )
-            total = time.time() - started
-            splits = manifest["splits"]
-            serialized, records = _serialized_bytes(out, splits)
-            result = {
-                "image_size": size,
-                "direct_num_workers": count,
-                "examples": manifest["num_examples"],
-                "dead_letters": manifest["num_dead_letters"],
-                "pipeline_seconds": manifest["seconds"],
-                "total_seconds": round(total, 2),
-                "examples_per_second": round(
-                    manifest["num_examples"] / manifest["seconds"], 2
-                ),
-                "gzip_bytes_per_example": manifest["bytes_per_example"],
-                "serialized_bytes_per_example": round(
-                    serialized / max(records, 1), 1
-                ),
-            }
-            log.info("%s", result)
-            results.append(result)
+            for mode in modes:
+                out = work_dir / f"records_{size}_{count}_{mode}"
+                started = time.time()
+                manifest = preprocess(
+                    lip_root,
+                    str(out),
+                    config,
+                    pipeline_args=[f"--direct_running_mode={mode}"],
+                    direct_num_workers=count,
+                    force=True,
+                    progress=False,
+                )
+                total = time.time() - started
+                serialized, records = _serialized_bytes(out, manifest["splits"])
+                examples = manifest["num_examples"]
+                result = {
+                    "image_size": size,
+                    "direct_num_workers": count,
+                    "direct_running_mode": mode,
+                    "examples": examples,
+                    "dead_letters": manifest["num_dead_letters"],
+                    "pipeline_seconds": manifest["seconds"],
+                    "total_seconds": round(total, 2),
+                    "examples_per_second": round(
+                        examples / manifest["seconds"], 2
+                    ),
+                    "gzip_bytes_per_example": manifest["bytes_per_example"],
+                    "serialized_bytes_per_example": round(
+                        serialized / max(records, 1), 1
+                    ),
+                }
+                log.info("%s", result)
+                results.append(result)
     return results
 
 
 def markdown_table(results: list[dict]) -> str:
     lines = [
-        "| crop | workers | examples | pipeline s | examples/s | bytes/example (GZIP) | bytes/example (serialized) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| crop | workers | running mode | examples | pipeline s | examples/s | bytes/example (GZIP) | bytes/example (serialized) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
-            f"| {r['image_size']} | {r['direct_num_workers']} | {r['examples']} | "
+            f"| {r['image_size']} | {r['direct_num_workers']} | {r['direct_running_mode']} | {r['examples']} | "
             f"{r['pipeline_seconds']:.1f} | {r['examples_per_second']:.1f} | "
             f"{r['gzip_bytes_per_example']:.0f} | {r['serialized_bytes_per_example']:.0f} |"
         )
@@ -186,7 +204,7 @@ def bench_preprocess(args) -> int:
                 "seed": args.seed,
             }
         },
-        "runner": "FnApiRunner (in-process; 2+ workers as subprocesses)",
+        "runner": "FnApiRunner (in-process)",
         "results": results,
     }
     out = Path(args.out)
