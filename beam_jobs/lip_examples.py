@@ -85,7 +85,7 @@ def decode_image(data: bytes) -> np.ndarray:
         )
     try:
         image = tf.io.decode_jpeg(data, channels=3).numpy()
-    except tf.errors.InvalidArgumentError as err:
+    except tf.errors.OpError as err:  # corrupt, truncated, too large
         raise ExampleError(
             "decode_image", "unreadable_image", err.message.splitlines()[0]
         ) from None
@@ -109,7 +109,12 @@ def decode_label(data: bytes) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        ValueError,
+    ) as err:
         raise ExampleError(
             "decode_label", "unreadable_label", str(err)
         ) from None

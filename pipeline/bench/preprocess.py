@@ -195,6 +195,10 @@ def bench_preprocess(args) -> int:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            # Other processes on the machine slow every setting down.
+            "load_average_1_5_15_min_at_end": [
+                round(v, 2) for v in os.getloadavg()
+            ],
         },
         "input": args.lip_root
         or {

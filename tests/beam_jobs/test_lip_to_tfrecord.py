@@ -187,8 +187,13 @@ def test_preprocess_writes_decodable_records_and_skips_reruns(tmp_path):
     assert sorted(weights + arch) == sorted(train)  # byte-equal halves of train
     assert manifest["counts"]["search_weights"] == len(weights)
 
-    for serialized in train + _read_split(out, "val"):
-        example = records.decode_example(serialized, image_size=32)
+    # Decoding inside tf.data, as the training input pipeline does.
+    decoded = tf.data.Dataset.from_tensor_slices(
+        train + _read_split(out, "val")
+    )
+    decoded = decoded.map(lambda s: records.decode_example(s, image_size=32))
+    assert decoded.element_spec["crop_heatmaps"].shape == (8, 8, 16)
+    for example in decoded:
         image_id = example["image_id"].numpy().decode()
         split = example["split"].numpy().decode()
         original = tf.io.decode_jpeg(
