@@ -52,7 +52,8 @@ def test_synth_preprocess_validate(workspace, capsys):
     assert main([*args, "--config", str(config)]) == 0
     summary = _json_out(capsys)
     assert not summary["skipped"]
-    assert summary["counts"]["train"] + summary["num_dead_letters"] >= 6
+    assert summary["counts"]["train"] == 6 and summary["counts"]["val"] == 3
+    assert summary["num_dead_letters"] == 0
     assert summary["counts"]["train"] == (
         summary["counts"]["search_weights"] + summary["counts"]["search_arch"]
     )
