@@ -242,10 +242,19 @@ def test_preprocess_writes_decodable_records_and_skips_reruns(tmp_path):
 
     again = preprocess(str(fixture.root), str(out), config, progress=False)
     assert again["skipped"] and again["created"] == manifest["created"]
+    # A forced rebuild with two in-process workers (threads) writes the
+    # same records.
     forced = preprocess(
-        str(fixture.root), str(out), config, force=True, progress=False
+        str(fixture.root),
+        str(out),
+        config,
+        direct_num_workers=2,
+        force=True,
+        progress=False,
     )
     assert not forced["skipped"] and forced["counts"] == manifest["counts"]
+    assert forced["direct_num_workers"] == 2
+    assert sorted(_read_split(out, "train")) == sorted(train)
     label_path = fixture.layout.label_path("val", "2000_val")
     label = np.zeros((44, 30), np.uint8)
     label[5:9, 5:9] = 3
