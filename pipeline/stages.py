@@ -89,6 +89,7 @@ def validate(context: StageContext) -> dict[str, Any]:
         records_dir=records,
         schema_path=config.validate.schema,
         skew_threshold=config.validate.skew_threshold,
+        skew_min_examples=config.validate.skew_min_examples,
         pipeline_args=list(config.beam.pipeline_args),
     )
     anomalies = report.get("anomalies", [])
