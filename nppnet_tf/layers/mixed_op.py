@@ -101,18 +101,12 @@ class MixedOp(keras.layers.Layer):
             batch_norm(False, synchronized, name=f"pool_bn_{i}")
             for i in self._pool_indices
         ]
-        if partial_channels > 1 and stride > 1:
-            self.bypass_pool = keras.layers.MaxPooling2D(2, 2, name="bypass")
 
     def build(self, input_shape):
         with creation_scope():
             op_shape = channels_shape(self.op_channels)
             for layer in (*self.candidates, *self.pool_norms):
                 layer.build(op_shape)
-            if self.partial_channels > 1 and self.stride > 1:
-                self.bypass_pool.build(
-                    channels_shape(self.channels - self.op_channels)
-                )
 
     def call(self, inputs, op_weights, training=None):
         if self.partial_channels > 1:
@@ -139,7 +133,7 @@ class MixedOp(keras.layers.Layer):
         if self.scale is not None:
             bypass = resize_by_factor(bypass, self.scale, "nearest")
         if self.stride > 1:
-            bypass = self.bypass_pool(bypass)
+            bypass = ops.max_pool(bypass, 2, 2, "valid")
         joined = ops.concatenate([total, bypass], axis=-1)
         return channel_shuffle(joined, self.partial_channels)
 

@@ -95,11 +95,7 @@ class PoolBN(Operation):
         self, pool_type: str, channels: int, stride: int = 1, **kwargs
     ):
         super().__init__(channels, stride, **kwargs)
-        if pool_type == "max":
-            self.pool = keras.layers.MaxPooling2D(3, 1, "same", name="pool")
-        elif pool_type == "avg":
-            self.pool = keras.layers.AveragePooling2D(3, 1, "same", name="pool")
-        else:
+        if pool_type not in ("max", "avg"):
             raise ValueError(
                 f"pool_type must be 'max' or 'avg', got {pool_type!r}."
             )
@@ -108,11 +104,12 @@ class PoolBN(Operation):
 
     def build(self, input_shape):
         with creation_scope():
-            self.pool.build(input_shape)
             self.norm.build(channels_shape(self.channels))
 
     def call(self, inputs, training=None):
-        x = self.pool(inputs)
+        # Pools are `keras.ops` calls, not layers: supernets hold hundreds.
+        pool = ops.max_pool if self.pool_type == "max" else ops.average_pool
+        x = pool(inputs, 3, 1, "same")
         if self.stride > 1:
             x = x[:, :: self.stride, :: self.stride, :]
         return self.norm(x, training=training)
@@ -306,9 +303,6 @@ class SEConnect(Operation):
         )
         self.excite = PaddedConv2D(channels, 1, use_bias=True, name="excite")
         if stride > 1:
-            self.pool = keras.layers.AveragePooling2D(
-                stride, stride, name="pool"
-            )
             self.norm = batch_norm(True, self.synchronized, name="bn")
 
     def build(self, input_shape):
@@ -316,7 +310,6 @@ class SEConnect(Operation):
             self.squeeze.build(input_shape)
             self.excite.build(channels_shape(self.channels // 2))
             if self.stride > 1:
-                self.pool.build(input_shape)
                 self.norm.build(channels_shape(self.channels))
 
     def call(self, inputs, training=None):
@@ -324,7 +317,8 @@ class SEConnect(Operation):
         gate = ops.sigmoid(self.excite(ops.relu(self.squeeze(gate))))
         x = inputs * gate
         if self.stride > 1:
-            x = self.norm(self.pool(x), training=training)
+            x = ops.average_pool(x, self.stride, self.stride, "valid")
+            x = self.norm(x, training=training)
         return x
 
 
@@ -361,7 +355,6 @@ class PooledConv(Operation):
         if num_convs not in (1, 2):
             raise ValueError(f"num_convs must be 1 or 2, got {num_convs}.")
         self.num_convs = num_convs
-        self.pool = keras.layers.AveragePooling2D(2, 2, name="pool")
         self.convs = [
             PaddedConv2D(channels, 3, stride, use_bias=True, name=f"conv_{i}")
             for i in range(num_convs)
@@ -373,7 +366,6 @@ class PooledConv(Operation):
 
     def build(self, input_shape):
         with creation_scope():
-            self.pool.build(input_shape)
             for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
                 conv.build(
                     input_shape if i == 0 else channels_shape(self.channels)
@@ -384,7 +376,7 @@ class PooledConv(Operation):
         shape = ops.shape(inputs)
         size = [(shape[1] + self.stride - 1) // self.stride]
         size.append((shape[2] + self.stride - 1) // self.stride)
-        x = self.pool(inputs)
+        x = ops.average_pool(inputs, 2, 2, "valid")
         for conv, norm in zip(self.convs, self.norms):
             x = norm(conv(ops.relu(x)), training=training)
         if self.num_convs == 2 and self.stride == 2:
