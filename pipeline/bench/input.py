@@ -10,6 +10,8 @@ Then it measures:
   batch), in examples per second and CPU seconds per example, at the train
   step's batch size and at the paper's per-GPU batch of 16; the evaluation
   branch at the train step's batch size;
+* the CPU cost per example of the map's stages (decode, augment, canonical
+  crop), one thread;
 * the train step of the derived NPPNet (the authors' genotype, C = 64, 16
   cells) on a constant batch, in images per second, or takes its time per
   step from `--train-step-seconds` when the model cannot be built here;
@@ -200,6 +202,75 @@ def pipeline_results(args, records_dir, data_config, augment_config):
     return results
 
 
+def stage_costs(records_dir, data_config, augment_config, examples: int):
+    """CPU milliseconds per example of the map stages, one thread, over
+    records cached in memory. Each variant sums its outputs, so that
+    TensorFlow's graph optimiser cannot prune the work it measures."""
+    import tensorflow as tf
+
+    from nppnet_tf.data import augment, records
+    from nppnet_tf.data.dataset import split_files
+
+    size = data_config.image_size
+    stride = data_config.heatmap_stride
+    serialized = tf.data.TFRecordDataset(
+        split_files(records_dir, "train"), compression_type="GZIP"
+    ).cache()
+    for _ in serialized:  # fill the cache
+        pass
+
+    def total(tensors):
+        return tf.add_n(
+            [
+                tf.reduce_sum(tf.cast(value, tf.float32))
+                for value in tf.nest.flatten(tensors)
+                if value.dtype != tf.string
+            ]
+        )
+
+    def original_only(record):
+        parsed = tf.io.parse_single_example(record, records.parse_spec())
+        image = tf.io.decode_jpeg(parsed["image/encoded"], channels=3)
+        label = tf.io.decode_png(parsed["label/encoded"], channels=1)
+        return total([image, label])
+
+    def decode(record):
+        return total(records.decode_example(record, size, stride))
+
+    def training(record):
+        decoded = records.decode_example(record, size, stride)
+        seed = augment.example_seed(
+            0, 0, augment.example_key(decoded["image_id"])
+        )
+        params = augment.random_crop_parameters(seed, augment_config)
+        return total(augment.augment_example(decoded, params, data_config))
+
+    def evaluation(record):
+        decoded = records.decode_example(record, size, stride)
+        return total(augment.canonical_example(decoded, data_config))
+
+    variants = [
+        ("parse + JPEG + label PNG", original_only),
+        ("records.decode_example (all features)", decode),
+        ("decode + augment_example", training),
+        ("decode + canonical_example", evaluation),
+    ]
+    costs = {}
+    for name, function in variants:
+        mapped = serialized.repeat().map(function, num_parallel_calls=1)
+        iterator = iter(mapped)
+        for _ in range(4):
+            next(iterator)
+        started = time.process_time()
+        for _ in range(examples):
+            next(iterator)
+        costs[name] = round(
+            1000 * (time.process_time() - started) / examples, 2
+        )
+        log.info("stage %s: %.2f CPU ms/example", name, costs[name])
+    return costs
+
+
 # ---------------------------------------------------------------------------
 # Train step
 
@@ -320,9 +391,14 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"{step['batch_size']} | {step['images_per_second']:.3f} | |"
     )
     lines.append("")
+    lines.append("| map stage, one thread | CPU ms/example |")
+    lines.append("| --- | --- |")
+    for name, cost in report["stage_cpu_ms_per_example"].items():
+        lines.append(f"| {name} | {cost:.1f} |")
+    lines.append("")
     lines.append(
         f"Pipeline / train step: {report['ratio']:.0f}x; the pipeline "
-        f"would use {100 * report['cpu_share_at_train_rate']:.1f}% of the "
+        f"would use {100 * report['cpu_share_at_train_rate']:.2f}% of the "
         f"{report['machine']['cpus']} cores at the train step's rate."
     )
     return "\n".join(lines) + "\n"
@@ -352,6 +428,7 @@ def bench_input(args) -> int:
     records_dir = prepare_records(args, data_config)
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     pipeline = pipeline_results(args, records_dir, data_config, augment_config)
+    stages = stage_costs(records_dir, data_config, augment_config, 64)
     train_step = train_step_results(
         args, records_dir, data_config, augment_config
     )
@@ -393,6 +470,7 @@ def bench_input(args) -> int:
             },
         },
         "pipeline": pipeline,
+        "stage_cpu_ms_per_example": stages,
         "train_step": train_step,
         # > 1: the pipeline outruns the train step at the same batch size.
         "ratio": round(
