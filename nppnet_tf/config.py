@@ -10,6 +10,7 @@ value and the file; `--set section.key=value` overrides one key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -303,6 +304,62 @@ class TrackingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RegistryConfig:
+    """MLflow model registry (`nppnet register`, `nppnet promote`).
+
+    Attributes:
+        model_name: registered model the versions go to.
+        candidate_alias: alias set on every newly registered version.
+        champion_alias: alias of the version that serves; `nppnet promote`
+            moves it.
+        miou_margin: a candidate replaces the champion only if its val mIoU
+            exceeds the champion's by more than this many points (percent).
+        pckh_margin: the same for val PCKh@0.5, in points (percent).
+    """
+
+    model_name: str = "nppnet-lip"
+    candidate_alias: str = "candidate"
+    champion_alias: str = "champion"
+    miou_margin: float = 0.0
+    pckh_margin: float = 0.0
+
+    def __post_init__(self):
+        _check(
+            bool(self.model_name.strip())
+            and self.model_name == self.model_name.strip()
+            and not any(c in self.model_name for c in "/:"),
+            "registry.model_name",
+            self.model_name,
+            "must be non-empty, without surrounding spaces, '/' or ':'",
+        )
+        for name in ("candidate_alias", "champion_alias"):
+            alias = getattr(self, name)
+            _check(
+                bool(re.fullmatch(r"[A-Za-z0-9_\-]{1,255}", alias))
+                and alias.lower() != "latest"
+                and not re.fullmatch(r"[vV]\d+", alias),
+                f"registry.{name}",
+                alias,
+                "must be letters, digits, '_' or '-', and not 'latest' or "
+                "a version name such as 'v3'",
+            )
+        _check(
+            self.champion_alias != self.candidate_alias,
+            "registry.champion_alias",
+            self.champion_alias,
+            "must differ from registry.candidate_alias",
+        )
+        for name in ("miou_margin", "pckh_margin"):
+            margin = getattr(self, name)
+            _check(
+                0 <= margin < 100,
+                f"registry.{name}",
+                margin,
+                "must be in [0, 100) points",
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """One whole run, as one YAML file describes it."""
 
@@ -314,6 +371,7 @@ class RunConfig:
     validate: ValidateConfig = ValidateConfig()
     loss: LossConfig = LossConfig()
     tracking: TrackingConfig = TrackingConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
