@@ -520,24 +520,28 @@ def _draw_figure(canvas: _Canvas, rng, figure: _Figure, outfit: _Outfit):
 
 
 def _draw_background(rng: np.random.Generator, width: int, height: int):
-    """A two-colour gradient under random shapes; shape colours include skin
-    tones and clothes-like colours, so colour alone never finds the person."""
+    """A two-colour gradient under random, partly transparent shapes, a
+    little out of focus. Shape colours include skin tones and clothes-like
+    colours, so colour alone never finds the person."""
     start, end = np.array(_random_colour(rng)), np.array(_random_colour(rng))
     angle = rng.uniform(0.0, 2.0 * math.pi)
     rows, columns = np.mgrid[0:height, 0:width].astype(np.float32)
     ramp = columns / width * math.cos(angle) + rows / height * math.sin(angle)
     ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
     pixels = start + ramp[..., None] * (end - start)
-    image = Image.fromarray(pixels.astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(image)
+    image = Image.fromarray(pixels.astype(np.uint8)).convert("RGBA")
+    shapes = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(shapes)
     size = min(width, height)
-    for _ in range(rng.integers(5, 15)):
+    for _ in range(rng.integers(3, 11)):
         if rng.random() < 0.3:
             skin = _SKIN_TONES[rng.integers(len(_SKIN_TONES))]
             colour = _jitter(rng, skin)
         else:
             colour = _random_colour(rng)
-        outline = _jitter(rng, np.asarray(colour) * 0.6, 5.0)
+        opacity = (int(rng.uniform(100, 256)),)
+        outline = _jitter(rng, np.asarray(colour) * 0.6, 5.0) + opacity
+        colour += opacity
         x, y = rng.uniform(-0.1, 1.1) * width, rng.uniform(-0.1, 1.1) * height
         half_x, half_y = rng.uniform(0.04, 0.3, 2) * size
         box = (x - half_x, y - half_y, x + half_x, y + half_y)
@@ -554,7 +558,8 @@ def _draw_background(rng: np.random.Generator, width: int, height: int):
             other = np.array([x, y]) + rng.uniform(-0.4, 0.4, 2) * size
             bar_width = max(1, int(rng.uniform(0.02, 0.08) * size))
             draw.line([(x, y), tuple(other)], fill=colour, width=bar_width)
-    return image
+    image = Image.alpha_composite(image, shapes).convert("RGB")
+    return image.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 1.2)))
 
 
 def _finish(
@@ -594,7 +599,7 @@ def _finish(
     edges[1:, :] |= parts[1:, :] != parts[:-1, :]
     pixels[edges] *= 0.78
     pixels += rng.normal(0.0, rng.uniform(2.0, 6.0), pixels.shape)
-    out = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    out = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     out = out.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
     return np.asarray(out)
 
@@ -699,7 +704,7 @@ def _write_split(layout, split, count, seed, sizes, taken, bar) -> list:
         Image.fromarray(sample.image).save(image_path, quality=JPEG_QUALITY)
         if labelled:
             label_path = layout.label_path(split, image_id)
-            Image.fromarray(sample.label, "L").save(label_path)
+            Image.fromarray(sample.label).save(label_path)
         rows.append((image_id, sample.joints if labelled else None))
         bar.update()
     rows.sort(key=lambda row: row[0])  # the real files are sorted by name
