@@ -60,8 +60,9 @@ def gaussian_kernel(sigma: float, truncate: float = TRUNCATE) -> np.ndarray:
 def smooth_heatmaps(heatmaps, sigma: float) -> tf.Tensor:
     """Gaussian smoothing of every channel of `(batch, h, w, joints)` maps.
 
-    A separable depthwise convolution with `gaussian_kernel(sigma)` after
-    symmetric padding (scipy's "reflect": `d c b a | a b c d | d c b a`).
+    A separable depthwise convolution with `gaussian_kernel(sigma)` (the
+    vertical kernel on the maps, then on their transpose) after symmetric
+    padding (scipy's "reflect": `d c b a | a b c d | d c b a`).
 
     Args:
         heatmaps: `(batch, height, width, joints)` float maps.
@@ -92,11 +93,15 @@ def smooth_heatmaps(heatmaps, sigma: float) -> tf.Tensor:
         [[0, 0], [radius, radius], [radius, radius], [0, 0]],
         mode="SYMMETRIC",
     )
+    # Both passes are vertical (k x 1) convolutions, the second on the
+    # transposed maps: oneDNN's depthwise convolution with a wide (1 x k)
+    # kernel crashes the process for k >= 17 (TensorFlow 2.16, CPU).
     column = np.tile(kernel[:, None, None, None], (1, 1, channels, 1))
-    row = np.tile(kernel[None, :, None, None], (1, 1, channels, 1))
     strides = [1, 1, 1, 1]
     smoothed = tf.nn.depthwise_conv2d(padded, column, strides, "VALID")
-    return tf.nn.depthwise_conv2d(smoothed, row, strides, "VALID")
+    smoothed = tf.transpose(smoothed, [0, 2, 1, 3])
+    smoothed = tf.nn.depthwise_conv2d(smoothed, column, strides, "VALID")
+    return tf.transpose(smoothed, [0, 2, 1, 3])
 
 
 def heatmap_argmax(heatmaps) -> tuple[tf.Tensor, tf.Tensor]:

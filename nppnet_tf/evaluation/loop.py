@@ -75,16 +75,18 @@ def _replica_function(model_ref, mode, scales, flip, keep_parsing):
             model_ref(), batch["images"], scales, flip
         )
         labels = tf.cast(batch["labels"], tf.int32)
+        shape = tf.shape(labels)[1:3]
+        counted = tf.broadcast_to(
+            batch["valid"][:, tf.newaxis, tf.newaxis], tf.shape(labels)
+        )
         if mode == "crop":
             predicted = tf.argmax(parsing, axis=-1, output_type=tf.int32)
-            confusion, ignored = confusion_counts(labels, predicted)
         else:
-            shape = tf.shape(labels)[1:3]
             predicted = parsing_to_original(
                 parsing, batch["crop_matrix"], shape
             )
-            counted = _inside_mask(batch["height"], batch["width"], shape)
-            confusion, ignored = confusion_counts(labels, predicted, counted)
+            counted &= _inside_mask(batch["height"], batch["width"], shape)
+        confusion, ignored = confusion_counts(labels, predicted, counted)
         decoded = decode_keypoints(heatmaps, batch["crop_matrix"])
         outputs = {
             "confusion": confusion,
@@ -95,6 +97,7 @@ def _replica_function(model_ref, mode, scales, flip, keep_parsing):
             "present": batch["keypoints_present"],
             "height": batch["height"],
             "width": batch["width"],
+            "valid": batch["valid"],
         }
         if keep_parsing:
             outputs["parsing"] = tf.cast(predicted, tf.uint8)
@@ -126,8 +129,9 @@ def step_function(model, strategy, mode, scales, flip, keep_parsing):
         A `tf.function` taking one (distributed) batch dict and returning
         per-replica dicts: `confusion` `(20, 20)` int64, `ignored`,
         `keypoints` `(batch, 16, 2)` original pixels (model order),
-        `image_id`, `ground_truth`, `present`, `height`, `width` and, with
-        `keep_parsing`, `parsing`.
+        `image_id`, `ground_truth`, `present`, `height`, `width`, `valid`
+        (false for the padding copies of `_pad_to_replicas`, which are not
+        counted) and, with `keep_parsing`, `parsing`.
     """
     try:
         cache = _STEPS.setdefault(model, {})
@@ -147,6 +151,22 @@ def step_function(model, strategy, mode, scales, flip, keep_parsing):
 
     cache[key] = (strategy, step)
     return step
+
+
+def _pad_to_replicas(batch: dict, replicas: int) -> dict:
+    """Repeats a batch's last image until the batch size is a multiple of
+    the replicas, with a `valid` mask: a replica given an empty batch (the
+    last batch of a split) fails in TensorFlow's CPU convolutions."""
+    size = tf.shape(batch["images"])[0]
+    padded = (size + replicas - 1) // replicas * replicas
+
+    def pad(values):
+        extra = tf.repeat(values[-1:], padded - size, axis=0)
+        return tf.concat([values, extra], axis=0)
+
+    out = {key: pad(values) for key, values in batch.items()}
+    out["valid"] = tf.range(padded) < size
+    return out
 
 
 def _build_eagerly(model, image_spec: tf.TensorSpec, strategy) -> None:
@@ -252,7 +272,9 @@ def run_pass(
     if max_batches is not None:
         batches = batches.take(max_batches)
     _build_eagerly(model, batches.element_spec["images"], strategy)
-    if strategy.num_replicas_in_sync > 1:
+    replicas = strategy.num_replicas_in_sync
+    batches = batches.map(lambda batch: _pad_to_replicas(batch, replicas))
+    if replicas > 1:
         batches = input_pipeline.distribute(batches, strategy)
     step = step_function(
         model, strategy, mode, scales, flip, on_parsing is not None
@@ -279,10 +301,13 @@ def run_pass(
                 part = {key: value[replica] for key, value in local.items()}
                 confusion += part["confusion"].numpy()
                 ignored += int(part["ignored"].numpy())
-                ids = [i.decode() for i in part["image_id"].numpy()]
-                keypoints = truncate_coordinates(part["keypoints"].numpy())
-                truth = part["ground_truth"].numpy().astype(np.float64)
-                present = part["present"].numpy().astype(bool)
+                valid = part["valid"].numpy()
+                ids = [i.decode() for i in part["image_id"].numpy()[valid]]
+                keypoints = truncate_coordinates(
+                    part["keypoints"].numpy()[valid]
+                )
+                truth = part["ground_truth"].numpy()[valid].astype(np.float64)
+                present = part["present"].numpy()[valid].astype(bool)
                 truth[~present] = np.nan
                 for index, image_id in enumerate(ids):
                     if image_id in ground_truth:
@@ -294,9 +319,9 @@ def run_pass(
                     predictions[image_id] = keypoints[index][lip_order]
                     image_ids.append(image_id)
                 if on_parsing is not None:
-                    parsing = part["parsing"].numpy()
-                    heights = part["height"].numpy()
-                    widths = part["width"].numpy()
+                    parsing = part["parsing"].numpy()[valid]
+                    heights = part["height"].numpy()[valid]
+                    widths = part["width"].numpy()[valid]
                     for index, image_id in enumerate(ids):
                         on_parsing(
                             image_id,
