@@ -76,15 +76,9 @@ class Evaluation:
     image_ids: list[str]
 
 
-def _check_batch_size(batch_size: int, strategy) -> None:
+def _check_batch_size(batch_size: int) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    replicas = strategy.num_replicas_in_sync
-    if batch_size % replicas:
-        raise ValueError(
-            f"batch_size {batch_size} is not a multiple of the {replicas} "
-            f"replicas of {type(strategy).__name__}"
-        )
 
 
 # ---------------------------------------------------------------------------
@@ -268,7 +262,7 @@ def run_evaluation(
     _check_max_examples(max_examples)
     scales = check_scales(scales)
     strategy = strategy or tf.distribute.get_strategy()
-    _check_batch_size(batch_size, strategy)
+    _check_batch_size(batch_size)
     size = data_config.image_size
     if protocol == "official" and dataset is not None:
         raise ValueError(
@@ -414,7 +408,8 @@ def evaluate(
             authors' training-time validation, 7.1).
         scales: test scales, e.g. `(0.75, 1.0, 1.25)`.
         flip: use the flip test.
-        batch_size: global batch size (a multiple of the replicas).
+        batch_size: global batch size; a batch the replicas do not divide
+            is padded with copies of its last image, which are not scored.
         max_examples: evaluate only the first this many records (the
             authors' validation uses 5000).
         strategy: a `tf.distribute` strategy; None uses the current one.

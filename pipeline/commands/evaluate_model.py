@@ -119,6 +119,8 @@ def _data_config(args):
         raise ValueError("--set needs --config")
     manifest = read_manifest(args.records) or {}
     written = manifest.get("config") or manifest.get("data_config")
+    if isinstance(written, dict) and isinstance(written.get("data"), dict):
+        written = written["data"]  # a whole run config
     if isinstance(written, dict):
         source = f"{Path(args.records) / MANIFEST_NAME} (config)"
         return config_from_dict(written, source, DataConfig)
