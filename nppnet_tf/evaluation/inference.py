@@ -39,6 +39,7 @@ same half-pixel convention) before decoding.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import tensorflow as tf
@@ -68,8 +69,8 @@ def scaled_size(image_size: int, scale: float) -> int:
     Raises:
         ValueError: a non-positive or non-finite scale or image size.
     """
-    if not (isinstance(scale, int | float) and math.isfinite(scale)) or not (
-        scale > 0
+    if not isinstance(scale, numbers.Real) or not (
+        math.isfinite(scale) and scale > 0
     ):
         raise ValueError(f"test scales must be finite and > 0, got {scale!r}")
     if image_size < 1:

@@ -154,7 +154,11 @@ def _check_args(args) -> Path:
 
 def load_model(path: Path):
     """`keras.saving.load_model`, after importing the modules whose classes
-    register themselves as serialisable (`nppnet_tf.models.*`)."""
+    register themselves as serialisable (`nppnet_tf.models.*`).
+
+    Raises:
+        ValueError: Keras cannot rebuild the model (names the file).
+    """
     import importlib
     import pkgutil
 
@@ -165,7 +169,11 @@ def load_model(path: Path):
     for module in pkgutil.iter_modules(nppnet_tf.models.__path__):
         importlib.import_module(f"nppnet_tf.models.{module.name}")
     log.info("loading %s", path)
-    return keras.saving.load_model(path)
+    try:
+        return keras.saving.load_model(path)
+    except (ValueError, TypeError, OSError) as err:
+        # Keras reports unknown classes and unrestorable weights this way.
+        raise ValueError(f"could not load model {path}: {err}") from err
 
 
 def run(args: argparse.Namespace) -> int:
