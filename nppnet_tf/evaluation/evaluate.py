@@ -257,7 +257,8 @@ def run_evaluation(
         )
     if not isinstance(data_config, DataConfig):
         raise TypeError(
-            f"data_config must be a DataConfig, got {type(data_config).__name__}"
+            "data_config must be a DataConfig, got "
+            f"{type(data_config).__name__}"
         )
     _check_max_examples(max_examples)
     scales = check_scales(scales)

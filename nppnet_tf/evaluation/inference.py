@@ -1,4 +1,4 @@
-"""Test-time inference: flip test and multi-scale averaging (reference 7.1, 7.3).
+"""Test-time inference: flip test, multi-scale averaging (reference 7.1, 7.3).
 
 Everything here is a TensorFlow op on batches and runs inside `tf.function`
 and `strategy.run`. A model is any callable `model(images, training=False)`

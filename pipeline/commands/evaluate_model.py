@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate",
-        help="evaluate a .keras model on LIP records (mIoU, PCKh) into a JSON report",
+        help="evaluate a .keras model on LIP records (mIoU, PCKh) into a "
+        "JSON report",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -83,7 +84,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--report-dir",
         type=Path,
-        help="also write report.md, report.html, overlays/ and predictions/ here",
+        help="also write report.md, report.html, overlays/ and "
+        "predictions/ here",
     )
     parser.add_argument(
         "--overlays",
@@ -100,7 +102,8 @@ def register(subparsers) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one config key, e.g. data.image_size=64 (needs --config)",
+        help="override one config key, e.g. data.image_size=64 "
+        "(needs --config)",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="hide the progress bar"
@@ -139,7 +142,8 @@ def _check_args(args) -> Path:
         raise FileNotFoundError(f"model file {args.model} does not exist")
     if args.model.suffix != ".keras":
         raise ValueError(
-            f"--model must be a .keras file (keras.saving format), got {args.model}"
+            "--model must be a .keras file (keras.saving format), got "
+            f"{args.model}"
         )
     if not Path(args.records).is_dir():
         raise FileNotFoundError(
@@ -225,11 +229,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _summary(report: dict, out: Path) -> str:
     scales = ", ".join(f"{scale:g}" for scale in report["scales"])
+    flip = "on" if report["flip"] else "off"
+    miou = _number(report["parsing"]["mean_iou"])
+    pckh = _number(report["pose"]["average"])
     return (
         f"LIP {report['split']} ({report['protocol']} protocol, scales "
-        f"{scales}, flip {'on' if report['flip'] else 'off'}): "
-        f"{report['images']} images | mIoU {_number(report['parsing']['mean_iou'])} "
-        f"| PCKh@0.5 {_number(report['pose']['average'])} -> {out}"
+        f"{scales}, flip {flip}): {report['images']} images | mIoU {miou} "
+        f"| PCKh@0.5 {pckh} -> {out}"
     )
 
 
