@@ -126,6 +126,8 @@ def check_records_config(records_dir: str, data_config: DataConfig) -> None:
     # The Beam job stores the `data` section as `config` (`data_config` in
     # manifests written before that rename).
     written = manifest.get("config") or manifest.get("data_config")
+    if isinstance(written, dict) and isinstance(written.get("data"), dict):
+        written = written["data"]  # a whole run config
     if not isinstance(written, dict):
         return
     for field in _RECORD_FIELDS:
@@ -328,6 +330,19 @@ def make_dataset(
         deterministic=deterministic,
     )
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    manifest_counts = (read_manifest(records_dir) or {}).get("counts", {})
+    if not repeat and split in manifest_counts:
+        # Known epoch length (Keras progress, steps): and a manifest that
+        # disagrees with the shards fails loudly at the end of the epoch.
+        examples = int(manifest_counts[split])
+        batches = (
+            examples // batch_size
+            if drop_remainder
+            else -(-examples // batch_size)
+        )
+        dataset = dataset.apply(
+            tf.data.experimental.assert_cardinality(batches)
+        )
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = deterministic

@@ -237,6 +237,8 @@ def test_augmentation_does_not_depend_on_order(lip_records):
 def test_evaluation_without_remainder_drop_and_with_repeat(lip_records):
     data = make(lip_records, "val", training=False, batch_size=3)
     assert [len(images) for images, _ in data] == [3, 1]
+    assert data.cardinality() == 2  # from the manifest's count
+    assert make(lip_records, batch_size=3, seed=0).cardinality() == 2
     repeated = make(
         lip_records, "val", training=False, batch_size=3, repeat=True
     )
@@ -277,6 +279,15 @@ def test_count_examples_from_manifest_and_by_counting(lip_records, tmp_path):
     manifest["counts"]["val"] = 999  # proves which source is read
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert dataset.count_examples(str(copy), "val") == 999
+    # The pipeline trusts the count for its length, and fails loudly when
+    # the shards disagree.
+    wrong = dataset.make_dataset(
+        str(copy), "val", lip_records.data_config, 1, False
+    )
+    assert wrong.cardinality() == 999
+    with pytest.raises(tf.errors.FailedPreconditionError, match="999"):
+        for _ in wrong:
+            pass
     (copy / "manifest.json").unlink()
     assert dataset.count_examples(str(copy), "val") == 4
     assert (
@@ -315,6 +326,7 @@ def test_paired_search_dataset(lip_records):
     steps = list(paired)
     shorter = min(counts["search_weights"], counts["search_arch"])
     assert len(steps) == -(-shorter // batch)  # ceil: partial batches kept
+    assert paired.cardinality() == len(steps)
     (x_w, y_w), (x_a, y_a) = steps[0]
     assert x_w.shape == x_a.shape == (batch, 64, 64, 3)
     assert set(y_w) == set(y_a) == set(dataset.TARGET_KEYS)
