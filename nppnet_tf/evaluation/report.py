@@ -181,6 +181,31 @@ def _title(report: Mapping) -> str:
     return f"LIP {report.get('split', '?')} evaluation"
 
 
+# Fields of a model evaluation that say how the numbers were obtained.
+_SETUP_FIELDS = (
+    ("protocol", "protocol"),
+    ("resolution", "resolution"),
+    ("image_size", "input size"),
+    ("scales", "scales"),
+    ("flip", "flip test"),
+    ("model", "model"),
+    ("records_dir", "records"),
+)
+
+
+def setup_lines(report: Mapping) -> list[str]:
+    """`name: value` lines for the setup fields present in `report`
+    (protocol, scales, flip, ...); LIP root first."""
+    lines = [f"LIP root: {report.get('lip_root', '?')}"]
+    for key, label in _SETUP_FIELDS:
+        if key in report and report[key] is not None:
+            value = report[key]
+            if isinstance(value, (list, tuple)):
+                value = ", ".join(str(v) for v in value)
+            lines.append(f"{label}: {value}")
+    return lines
+
+
 def render_markdown(report: Mapping, overlays: Sequence[str] = ()) -> str:
     """The report as Markdown.
 
@@ -191,12 +216,11 @@ def render_markdown(report: Mapping, overlays: Sequence[str] = ()) -> str:
     Returns:
         Markdown text.
     """
-    lines = [
-        f"# {_title(report)}",
-        "",
-        f"LIP root: `{report.get('lip_root', '?')}`",
-        "",
-    ]
+    lines = [f"# {_title(report)}", ""]
+    for line in setup_lines(report):
+        label, _, value = line.partition(": ")
+        lines.append(f"- {label}: `{value}`")
+    lines.append("")
     for title, header, rows in report_tables(report):
         lines += [f"## {title}", ""]
         lines.append("| " + " | ".join(header) + " |")
@@ -234,8 +258,12 @@ def render_html(report: Mapping, overlays: Sequence[str] = ()) -> str:
         "th{background:#eee}img{max-width:100%;margin:4px 0}</style>",
         "</head><body>",
         f"<h1>{title}</h1>",
-        f"<p>LIP root: <code>{escape(str(report.get('lip_root', '?')))}</code></p>",
+        "<ul>",
     ]
+    for line in setup_lines(report):
+        label, _, value = line.partition(": ")
+        parts.append(f"<li>{escape(label)}: <code>{escape(value)}</code></li>")
+    parts.append("</ul>")
     for table_title, header, rows in report_tables(report):
         parts.append(f"<h2>{escape(table_title)}</h2>")
         parts.append("<table>")
