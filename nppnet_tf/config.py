@@ -327,10 +327,11 @@ class RegistryConfig:
         _check(
             bool(self.model_name.strip())
             and self.model_name == self.model_name.strip()
-            and not any(c in self.model_name for c in "/:"),
+            and not any(c in self.model_name for c in "/:'\"`"),
             "registry.model_name",
             self.model_name,
-            "must be non-empty, without surrounding spaces, '/' or ':'",
+            "must be non-empty, without surrounding spaces, '/', ':' or "
+            "quotes",
         )
         for name in ("candidate_alias", "champion_alias"):
             alias = getattr(self, name)
