@@ -361,6 +361,40 @@ class RegistryConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """TF Serving export (`nppnet export`; docs/serving.md).
+
+    Attributes:
+        base_dir: the export base directory (`models.config`,
+            `<model_name>/<version>/`); None uses `<run.work_dir>/export`.
+        model_name: served model name: the subdirectory holding the
+            versions, the name in `models.config` and in request URLs.
+        flip: flip test inside the `serving_default` signature (as the
+            evaluation protocol; doubles the network's cost per image).
+    """
+
+    base_dir: str | None = None
+    model_name: str = "nppnet"
+    flip: bool = True
+
+    def __post_init__(self):
+        _check(
+            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", self.model_name)
+            is not None,
+            "export.model_name",
+            self.model_name,
+            "must be letters, digits, '_', '.' or '-', starting with a "
+            "letter or digit (it is a directory and a URL segment)",
+        )
+        _check(
+            self.base_dir is None or bool(self.base_dir.strip()),
+            "export.base_dir",
+            self.base_dir,
+            "must be a directory or null",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """One whole run, as one YAML file describes it."""
 
@@ -373,6 +407,7 @@ class RunConfig:
     loss: LossConfig = LossConfig()
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
+    export: ExportConfig = ExportConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
