@@ -154,8 +154,8 @@ def handle_promote(args: argparse.Namespace) -> int:
     decision = promote(registry_client(config), config, args.version)
     print(
         f"{decision.outcome}: {decision.reason}\n"
-        f"  champion: {decision.champion_version_before} -> "
-        f"{decision.champion_version_after} ({decision.name})\n"
+        f"  champion: {decision.champion_version_before or 'none'} -> "
+        f"{decision.champion_version_after or 'none'} ({decision.name})\n"
         f"  decision log: {decision_log_path(config)}"
     )
     return EXIT_PROMOTION_REFUSED if decision.outcome == "refused" else 0
