@@ -219,6 +219,7 @@ def _write_atomically(path: Path, text: str) -> None:
         "w", dir=path.parent, prefix=f".{path.name}.", delete=False
     ) as stream:
         stream.write(text)
+    os.chmod(stream.name, 0o644)  # the model server may run as another user
     os.replace(stream.name, path)
 
 
