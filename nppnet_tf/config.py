@@ -395,6 +395,264 @@ class ExportConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """Bilevel architecture search (reference 5; docs/search.md).
+
+    Defaults are the authors' (`search_lip_sync.py`, `core/function.py`).
+
+    Attributes:
+        init_channels: C of the supernets (32 in the authors' search).
+        layers: cells per encoder, a multiple of 4.
+        epochs: epochs of the interaction search.
+        encoder_decoder_epochs: epochs of the encoder-decoder search (not
+            released by the authors; their interaction schedule).
+        warmup_epochs: leading epochs of weight-only training on the
+            `search_weights` split, architecture frozen.
+        entropy_start_epoch: the entropy regulariser is used in epochs
+            (0-based) strictly greater than this.
+        entropy_weight: weight of the entropy regulariser.
+        arch_loss_scale: factor of the whole architecture loss
+            (reference 4.3: `2 x (L + [epoch > 70] 2 entropy)`).
+        batch_size: global batch (all replicas) of both search loaders.
+        weight_lr: Adam learning rate of the network weights.
+        lambda_lr: Adam learning rate of the four loss lambdas.
+        lr_milestones: epochs at which both weight learning rates are
+            multiplied by `lr_gamma` (MultiStep, per epoch).
+        lr_gamma: the MultiStep factor.
+        arch_lr: Adam learning rate of the architecture parameters.
+        arch_beta_1: Adam beta_1 of the architecture optimiser.
+        arch_beta_2: Adam beta_2 of the architecture optimiser.
+        arch_weight_decay: coupled L2 on the architecture parameters (added
+            to their gradient, as PyTorch's Adam `weight_decay`).
+        adam_epsilon: epsilon of every Adam (PyTorch's 1e-8).
+        order: `first` (the authors') or `second` (DARTS unrolled).
+        unrolled_lr: xi, the virtual step size of the second-order
+            gradient; None uses the current weight learning rate (DARTS).
+        partial_channels: PC-DARTS K of the encoder-decoder supernet (the
+            interaction supernet uses the authors' K = 2).
+        threshold: Algorithm 1's cumulative weight when deriving
+            interactions.
+        max_edges: Algorithm 1's cap on edges per interaction target.
+        val_examples: validate on the first this many `val` images (the
+            authors: 5000); 0 uses them all.
+        val_batch_size: global batch of the validation.
+        checkpoint_every_steps: also checkpoint every this many steps
+            (0: only at the end of each epoch).
+        keep_checkpoints: checkpoints kept on disk.
+        log_every_steps: per-step metrics go to the loggers every this many
+            steps (and at the last step of an epoch).
+        seed: seed of the model initialisation and of the data order and
+            augmentation.
+        deterministic: op determinism and a fixed tf.data order (slower);
+            needed for a resumed search to match an uninterrupted one bit
+            for bit.
+        jit_compile: compile the steps with XLA.
+    """
+
+    init_channels: int = 32
+    layers: int = 16
+    epochs: int = 120
+    encoder_decoder_epochs: int = 120
+    warmup_epochs: int = 15
+    entropy_start_epoch: int = 70
+    entropy_weight: float = 2.0
+    arch_loss_scale: float = 2.0
+    batch_size: int = 28
+    weight_lr: float = 1e-3
+    lambda_lr: float = 1e-4
+    lr_milestones: tuple[int, ...] = (70, 100)
+    lr_gamma: float = 0.2
+    arch_lr: float = 1e-3
+    arch_beta_1: float = 0.5
+    arch_beta_2: float = 0.999
+    arch_weight_decay: float = 1e-3
+    adam_epsilon: float = 1e-8
+    order: Literal["first", "second"] = "first"
+    unrolled_lr: float | None = None
+    partial_channels: int = 4
+    threshold: float = 0.7
+    max_edges: int = 4
+    val_examples: int = 5000
+    val_batch_size: int = 56
+    checkpoint_every_steps: int = 200
+    keep_checkpoints: int = 3
+    log_every_steps: int = 10
+    seed: int = 0
+    deterministic: bool = False
+    jit_compile: bool = False
+
+    def __post_init__(self):
+        _check(
+            self.init_channels >= 2 and self.init_channels % 2 == 0,
+            "search.init_channels",
+            self.init_channels,
+            "must be a positive even number",
+        )
+        _check(
+            self.layers >= 4 and self.layers % 4 == 0,
+            "search.layers",
+            self.layers,
+            "must be a positive multiple of 4",
+        )
+        for name in ("epochs", "encoder_decoder_epochs"):
+            value = getattr(self, name)
+            _check(value >= 1, f"search.{name}", value, "must be >= 1")
+        _check(
+            self.warmup_epochs >= 0,
+            "search.warmup_epochs",
+            self.warmup_epochs,
+            "must be >= 0",
+        )
+        _check(
+            self.entropy_start_epoch >= -1,
+            "search.entropy_start_epoch",
+            self.entropy_start_epoch,
+            "must be >= -1 (-1: from the first epoch)",
+        )
+        for name in ("entropy_weight", "arch_weight_decay"):
+            value = getattr(self, name)
+            _check(value >= 0, f"search.{name}", value, "must be >= 0")
+        for name in (
+            "arch_loss_scale",
+            "weight_lr",
+            "lambda_lr",
+            "arch_lr",
+            "adam_epsilon",
+        ):
+            value = getattr(self, name)
+            _check(value > 0, f"search.{name}", value, "must be > 0")
+        _check(
+            self.batch_size >= 1,
+            "search.batch_size",
+            self.batch_size,
+            "must be >= 1",
+        )
+        _check(
+            list(self.lr_milestones) == sorted(set(self.lr_milestones))
+            and all(m >= 1 for m in self.lr_milestones),
+            "search.lr_milestones",
+            self.lr_milestones,
+            "must be increasing epochs >= 1",
+        )
+        _check(
+            0 < self.lr_gamma <= 1,
+            "search.lr_gamma",
+            self.lr_gamma,
+            "must be in (0, 1]",
+        )
+        for name in ("arch_beta_1", "arch_beta_2"):
+            value = getattr(self, name)
+            _check(0 <= value < 1, f"search.{name}", value, "must be in [0, 1)")
+        _check(
+            self.unrolled_lr is None or self.unrolled_lr > 0,
+            "search.unrolled_lr",
+            self.unrolled_lr,
+            "must be > 0 or null (the weight learning rate)",
+        )
+        _check(
+            self.partial_channels >= 1,
+            "search.partial_channels",
+            self.partial_channels,
+            "must be >= 1",
+        )
+        _check(
+            0 < self.threshold <= 1,
+            "search.threshold",
+            self.threshold,
+            "must be in (0, 1]",
+        )
+        _check(
+            self.max_edges >= 1,
+            "search.max_edges",
+            self.max_edges,
+            "must be >= 1",
+        )
+        _check(
+            self.val_examples >= 0,
+            "search.val_examples",
+            self.val_examples,
+            "must be >= 0 (0: the whole val split)",
+        )
+        _check(
+            self.val_batch_size >= 1,
+            "search.val_batch_size",
+            self.val_batch_size,
+            "must be >= 1",
+        )
+        _check(
+            self.checkpoint_every_steps >= 0,
+            "search.checkpoint_every_steps",
+            self.checkpoint_every_steps,
+            "must be >= 0 (0: at the end of each epoch only)",
+        )
+        _check(
+            self.keep_checkpoints >= 1,
+            "search.keep_checkpoints",
+            self.keep_checkpoints,
+            "must be >= 1",
+        )
+        _check(
+            self.log_every_steps >= 1,
+            "search.log_every_steps",
+            self.log_every_steps,
+            "must be >= 1",
+        )
+        _check(self.seed >= 0, "search.seed", self.seed, "must be >= 0")
+
+    def epochs_of(self, stage: str) -> int:
+        """Epochs of a search stage (`encoder-decoder` or `interaction`).
+
+        Raises:
+            ValueError: an unknown stage.
+        """
+        if stage == "encoder-decoder":
+            return self.encoder_decoder_epochs
+        if stage == "interaction":
+            return self.epochs
+        raise ValueError(
+            f"unknown search stage {stage!r} (encoder-decoder or interaction)"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributeConfig:
+    """Devices and strategy of training and search (docs/search.md).
+
+    Attributes:
+        devices: None: every local GPU, else the CPU; an int: that many
+            local devices (GPUs if there are enough, else that many logical
+            CPU devices split from the host CPU); a list: those device
+            names (e.g. `["/gpu:0", "/gpu:1"]`).
+        sync_batchnorm: synchronise BatchNorm batch statistics over all
+            replicas (the authors' SyncBatchNorm).
+        multi_worker: None: MultiWorkerMirroredStrategy when `TF_CONFIG`
+            describes a cluster of several workers, else MirroredStrategy;
+            true or false forces the choice.
+    """
+
+    devices: int | tuple[str, ...] | None = None
+    sync_batchnorm: bool = True
+    multi_worker: bool | None = None
+
+    def __post_init__(self):
+        if isinstance(self.devices, int):
+            _check(
+                self.devices >= 1,
+                "distribute.devices",
+                self.devices,
+                "must be >= 1, a list of device names or null",
+            )
+        elif self.devices is not None:
+            _check(
+                len(self.devices) >= 1
+                and all(str(d).strip() for d in self.devices),
+                "distribute.devices",
+                self.devices,
+                "must be a non-empty list of device names",
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """One whole run, as one YAML file describes it."""
 
@@ -408,6 +666,8 @@ class RunConfig:
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
     export: ExportConfig = ExportConfig()
+    search: SearchConfig = SearchConfig()
+    distribute: DistributeConfig = DistributeConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
