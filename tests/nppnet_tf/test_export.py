@@ -38,20 +38,21 @@ SIZE = 64
 
 
 @pytest.fixture(scope="session")
-def tiny_model_file(tmp_path_factory):
+def tiny_model():
     """The authors' genotype at C = 8, 4 cells, built at 64 x 64, random
-    weights, as a .keras file."""
+    weights."""
     keras.utils.set_random_seed(0)
     model = NPPNet(Genotype.load(GENOTYPE), init_channels=8, num_cells=4)
     model(tf.zeros([1, SIZE, SIZE, 3]), training=False)
-    path = tmp_path_factory.mktemp("tiny_model") / "model.keras"
-    model.save(path)
-    return path
+    return model
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_model_file):
-    return export.load_keras_model(tiny_model_file)
+def tiny_model_file(tiny_model, tmp_path_factory):
+    """`tiny_model` as a .keras file."""
+    path = tmp_path_factory.mktemp("tiny_model") / "model.keras"
+    tiny_model.save(path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -296,6 +297,7 @@ def test_serving_default_equals_the_official_evaluation_path(
         assert len(np.unique(labels)) > 1  # a real map, not a constant
 
 
+@pytest.mark.slow
 def test_flip_changes_the_prediction(tiny_model, odd_images):
     """Without the flip test the graph gives the model's plain prediction,
     so the exported flag matters."""
