@@ -15,28 +15,38 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from nppnet_tf.layers.batch_norm import BatchNorm
+
 BATCHNORM_MOMENTUM = 0.9  # PyTorch momentum 0.1 (reference 0.2)
 BATCHNORM_EPSILON = 1e-5  # PyTorch default; Keras' default is 1e-3
 
 
 def batch_norm(
     affine: bool = True, synchronized: bool = False, name: str | None = None
-) -> keras.layers.BatchNormalization:
+) -> keras.layers.Layer:
     """BatchNorm with the authors' settings (reference 0.2).
+
+    Epsilon 1e-5 and PyTorch momentum 0.1 (Keras 0.9). Unsynchronised
+    BatchNorm uses the fused `BatchNorm`; synchronised BatchNorm Keras'
+    `BatchNormalization(synchronized=True)`, which all-reduces the batch
+    statistics over the replicas (the authors' SyncBatchNorm).
 
     Args:
         affine: bool. Learn gamma and beta; False inside search-time
             candidate ops.
-        synchronized: bool. Synchronise the batch statistics over replicas
-            (the authors' SyncBatchNorm).
+        synchronized: bool. Synchronise the batch statistics over replicas.
         name: optional layer name.
     """
+    if not synchronized:
+        return BatchNorm(
+            BATCHNORM_MOMENTUM, BATCHNORM_EPSILON, affine=affine, name=name
+        )
     return keras.layers.BatchNormalization(
         momentum=BATCHNORM_MOMENTUM,
         epsilon=BATCHNORM_EPSILON,
         center=affine,
         scale=affine,
-        synchronized=synchronized,
+        synchronized=True,
         name=name,
     )
 

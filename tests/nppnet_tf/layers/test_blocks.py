@@ -3,7 +3,9 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from nppnet_tf.layers.batch_norm import BatchNorm
 from nppnet_tf.layers.blocks import (
     FactorizedReduce,
     PaddedConv2D,
@@ -92,9 +94,37 @@ def test_kernels_are_untruncated_glorot_normal():
 
 def test_batch_norm_uses_pytorch_settings():
     norm = batch_norm(affine=False)
-    assert norm.epsilon == 1e-5 and norm.momentum == 0.9
-    assert not norm.center and not norm.scale
-    assert batch_norm(synchronized=True).synchronized
+    assert norm.epsilon == 1e-5 and norm.momentum == 0.9 and not norm.affine
+    synced = batch_norm(synchronized=True)
+    assert synced.synchronized and synced.epsilon == 1e-5
+    assert synced.momentum == 0.9
+
+
+def test_fused_batch_norm_matches_keras_and_pytorch_updates(tmp_path):
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(2, 5, 5, 3)) * 3 + 1).astype("float32")
+    weights = rng.normal(size=x.shape).astype("float32")
+    fused = BatchNorm(0.9, 1e-5)
+    reference = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    results = []
+    for layer in (fused, reference):
+        layer.build(x.shape)
+        x_var = tf.Variable(x)
+        with tf.GradientTape() as tape:
+            y = layer(x_var, training=True)
+            loss = tf.reduce_sum(y * weights)
+        results.append(
+            (y, *tape.gradient(loss, [x_var, *layer.trainable_weights]))
+        )
+    for ours, theirs in zip(*results):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+    # PyTorch: running = 0.9 running + 0.1 batch, with the unbiased variance.
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2), ddof=1)
+    np.testing.assert_allclose(fused.moving_mean, 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(
+        fused.moving_variance, 0.9 + 0.1 * var, rtol=1e-5
+    )
+    check_layer(BatchNorm(affine=False), [x], x.shape, tmp_path)
 
 
 def test_padded_conv_rejects_even_kernels():

@@ -87,7 +87,7 @@ def test_se_connect_gates_the_raw_input():
     assert not hasattr(op, "norm")  # the authors' unused stride-1 BN
     strided = SEConnect(4, 2)
     strided.build((None, None, None, 4))
-    assert strided.norm.scale  # always affine, `affine` is ignored
+    assert strided.norm.affine  # always affine, `affine` is ignored
 
 
 def test_pool_stride_2_windows_are_centred_like_pytorch():
