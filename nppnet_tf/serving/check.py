@@ -305,6 +305,12 @@ def check_export(
     """
     version_dir = find_version_dir(path, model_name, version)
     metadata = read_metadata(version_dir)
+    missing = [key for key in ("image_size", "flip") if key not in metadata]
+    if missing:
+        raise ValueError(
+            f"{version_dir}/{ASSETS_EXTRA}/export_metadata.json lacks "
+            f"{missing}; re-export the model with `nppnet export`"
+        )
     image_size = int(metadata["image_size"])
     flip = bool(metadata["flip"])
     stored_model = version_dir / ASSETS_EXTRA / KERAS_MODEL_FILE
