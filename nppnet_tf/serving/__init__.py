@@ -7,6 +7,8 @@
 * `rest`: REST request and response JSON.
 * `samples`: deterministic sample photos.
 * `ops`: the op types of a SavedModel (core TensorFlow only).
+* `layout`: the export base (versions, models.config, metadata).
+* `predictor`: predictions on image files (`nppnet predict`).
 * `check`: `check_export`, what `nppnet serve-check` runs.
 
 `nppnet_tf.export` writes the export; docs/serving.md describes it.

@@ -43,17 +43,16 @@ from tensorflow_serving.apis import predict_pb2
 from nppnet_tf.data.augment import normalize_image
 from nppnet_tf.data.geometry import warp_image
 from nppnet_tf.evaluation.official import official_crop
-from nppnet_tf.export import (
+from nppnet_tf.export import file_sha256, load_keras_model
+from nppnet_tf.serving import protocol, rest
+from nppnet_tf.serving.layout import (
     ASSETS_EXTRA,
     KERAS_MODEL_FILE,
     MODEL_NAME,
     WARMUP_FILE,
-    file_sha256,
     find_version_dir,
-    load_keras_model,
     read_metadata,
 )
-from nppnet_tf.serving import protocol, rest
 from nppnet_tf.serving.module import (
     DEFAULT_SIGNATURE,
     DENSE_INPUT,

@@ -26,18 +26,14 @@ import tensorflow as tf
 from PIL import Image
 
 from nppnet_tf.evaluation.overlay import render_overlay
-from nppnet_tf.export import (
-    MODEL_NAME,
-    find_version_dir,
-    model_input_size,
-    read_metadata,
-)
+from nppnet_tf.export import model_input_size
 from nppnet_tf.lip import (
     LIP_JOINT_NAMES,
     LIP_TO_MODEL,
     MODEL_JOINT_NAMES,
     MODEL_TO_LIP,
 )
+from nppnet_tf.serving.layout import MODEL_NAME, find_version_dir, read_metadata
 from nppnet_tf.serving.module import (
     DEFAULT_SIGNATURE,
     IMAGE_BYTES,

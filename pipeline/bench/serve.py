@@ -183,7 +183,7 @@ def bench_serve(args: argparse.Namespace) -> int:
     _check_args(args)
     import tensorflow as tf
 
-    from nppnet_tf.export import find_version_dir, read_metadata
+    from nppnet_tf.serving.layout import find_version_dir, read_metadata
     from nppnet_tf.serving.module import DEFAULT_SIGNATURE
 
     load_before = [round(x, 2) for x in os.getloadavg()]

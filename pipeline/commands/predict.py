@@ -116,7 +116,7 @@ def image_files(paths: list[Path]) -> list[Path]:
 
 
 def _is_saved_model(path: Path, model_name: str) -> bool:
-    from nppnet_tf.export import find_version_dir
+    from nppnet_tf.serving.layout import find_version_dir
 
     try:
         find_version_dir(path, model_name)

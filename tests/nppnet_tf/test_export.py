@@ -25,8 +25,8 @@ from nppnet_tf.evaluation.loop import step_function
 from nppnet_tf.evaluation.official import official_crop, parsing_to_original
 from nppnet_tf.models.nppnet import NPPNet
 from nppnet_tf.search.genotype import Genotype
+from nppnet_tf.serving import layout, protocol, rest
 from nppnet_tf.serving import module as serving_module
-from nppnet_tf.serving import protocol, rest
 from nppnet_tf.serving.ops import non_core_ops, saved_model_ops
 from nppnet_tf.serving.reference import predict_official
 from nppnet_tf.serving.samples import encode_photo, sample_photo
@@ -129,15 +129,15 @@ def test_versions_never_overwrite_and_failures_leave_nothing(
     tiny_model, exported, tmp_path, monkeypatch
 ):
     model_dir = exported.export_base / "nppnet"
-    assert export.model_versions(model_dir) == [1]
-    assert export.next_version(model_dir) == 2
+    assert layout.model_versions(model_dir) == [1]
+    assert layout.next_version(model_dir) == 2
     with pytest.raises(FileExistsError, match="version 1 .* already exists"):
         export.export_model(tiny_model, exported.export_base, SIZE, version=1)
     for name in ("3", "10", "not-a-version", ".export-7-abc"):
         (tmp_path / "nppnet" / name).mkdir(parents=True)
-    assert export.model_versions(tmp_path / "nppnet") == [3, 10]
-    assert export.next_version(tmp_path / "nppnet") == 11
-    assert export.next_version(tmp_path / "missing") == 1
+    assert layout.model_versions(tmp_path / "nppnet") == [3, 10]
+    assert layout.next_version(tmp_path / "nppnet") == 11
+    assert layout.next_version(tmp_path / "missing") == 1
 
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
@@ -159,13 +159,13 @@ def test_versions_never_overwrite_and_failures_leave_nothing(
 
 def test_find_version_dir_and_checkpoint_resolution(exported, tmp_path):
     base, version_dir = exported.export_base, exported.version_dir
-    assert export.find_version_dir(base) == version_dir
-    assert export.find_version_dir(base / "nppnet") == version_dir
-    assert export.find_version_dir(version_dir) == version_dir
+    assert layout.find_version_dir(base) == version_dir
+    assert layout.find_version_dir(base / "nppnet") == version_dir
+    assert layout.find_version_dir(version_dir) == version_dir
     with pytest.raises(FileNotFoundError, match="version 5 not found"):
-        export.find_version_dir(base, version=5)
+        layout.find_version_dir(base, version=5)
     with pytest.raises(FileNotFoundError, match="no SavedModel"):
-        export.find_version_dir(tmp_path)
+        layout.find_version_dir(tmp_path)
     (tmp_path / "run").mkdir()
     with pytest.raises(FileNotFoundError, match="has no model.keras"):
         export.resolve_checkpoint(tmp_path / "run")
