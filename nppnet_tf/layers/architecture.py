@@ -10,9 +10,10 @@ start at 1e-3 (reference 0.6), so every softmax starts uniform.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import keras
+import numpy as np
 from keras import ops
 
 INITIAL_VALUE = 1e-3
@@ -116,3 +117,51 @@ class ArchitectureWeights(keras.layers.Layer):
             "primitives": list(self.primitives),
             "initial_value": self.initial_value,
         }
+
+
+def architecture_arrays(
+    spaces: Mapping[str, ArchitectureWeights],
+) -> dict[str, np.ndarray]:
+    """`{"<space>/alphas", "<space>/betas", "<space>/ops"}` of every space,
+    as numpy (the layout of `search/architecture_file.py`)."""
+    arrays = {}
+    for name, space in spaces.items():
+        arrays[f"{name}/alphas"] = np.asarray(
+            ops.convert_to_numpy(space.alphas), np.float32
+        )
+        arrays[f"{name}/betas"] = np.asarray(
+            ops.convert_to_numpy(space.betas), np.float32
+        )
+        arrays[f"{name}/ops"] = np.array(space.primitives)
+    return arrays
+
+
+def assign_architecture(
+    spaces: Mapping[str, ArchitectureWeights], arrays: Mapping[str, np.ndarray]
+) -> None:
+    """Assigns every space's alphas and betas from `arrays`.
+
+    Raises:
+        ValueError: on a missing key, a shape mismatch or, when `arrays` has
+            `<space>/ops`, other ops than the space's.
+    """
+    for name, space in spaces.items():
+        for key in (f"{name}/alphas", f"{name}/betas"):
+            if key not in arrays:
+                raise ValueError(f"arrays has no {key!r}.")
+        ops_key = f"{name}/ops"
+        if ops_key in arrays:
+            given = tuple(str(op) for op in np.asarray(arrays[ops_key]))
+            if given != space.primitives:
+                raise ValueError(
+                    f"{ops_key} = {list(given)} differs from the model's "
+                    f"{list(space.primitives)}."
+                )
+        for variable, key in ((space.alphas, "alphas"), (space.betas, "betas")):
+            value = np.asarray(arrays[f"{name}/{key}"], dtype=np.float32)
+            if value.shape != tuple(variable.shape):
+                raise ValueError(
+                    f"{name}/{key} has shape {value.shape}, expected "
+                    f"{tuple(variable.shape)}."
+                )
+            variable.assign(value)

@@ -1,0 +1,2 @@
+"""NPPNet models: the derived network, the two search supernets and their
+parameter/multiply-add summary (see docs/model.md)."""

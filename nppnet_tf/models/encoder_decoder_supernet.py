@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import keras
 
+from nppnet_tf.models import parts
 from nppnet_tf.models.network import TwoBranchNetwork
 from nppnet_tf.search.primitives import PRIMITIVES_ENCODER_DECODER
 
@@ -74,9 +75,9 @@ class EncoderDecoderSupernet(TwoBranchNetwork):
             )
         self.partial_channels = partial_channels
         self.primitives = tuple(primitives)
-        self._add_search_encoders(self.primitives, partial_channels)
-        self._add_search_decoders(self.primitives, partial_channels)
-        self._add_heads(stages=1)
+        parts.add_encoders(self, None, self.primitives, partial_channels)
+        parts.add_decoders(self, None, self.primitives, partial_channels)
+        self.add_heads(stages=1)
 
     def get_config(self):
         return {

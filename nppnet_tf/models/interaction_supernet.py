@@ -7,6 +7,7 @@ from typing import Any
 
 import keras
 
+from nppnet_tf.models import parts
 from nppnet_tf.models.network import TwoBranchNetwork
 from nppnet_tf.search.genotype import Genotype
 from nppnet_tf.search.primitives import PRIMITIVES_INTER
@@ -65,11 +66,11 @@ class InteractionSupernet(TwoBranchNetwork):
         self.genotype = genotype.cells_only()
         self.partial_channels = partial_channels
         self.primitives = tuple(primitives)
-        self._add_derived_encoders(self.genotype)
-        self._add_interactions(None, self.primitives, partial_channels)
-        self._add_derived_decoders(self.genotype)
-        self._add_heads(stages=2)
-        self._add_fusion(None, self.primitives, partial_channels)
+        parts.add_encoders(self, self.genotype)
+        parts.add_interactions(self, None, self.primitives, partial_channels)
+        parts.add_decoders(self, self.genotype)
+        self.add_heads(stages=2)
+        parts.add_fusion(self, None, self.primitives, partial_channels)
 
     def get_config(self):
         return {

@@ -8,8 +8,8 @@ rounds of fusion cells followed by the stage-2 heads.
 
 `TwoBranchNetwork` owns the forward pass and the parts every variant shares
 (stems, projections, heads); a subclass adds cells, interactions and fusion
-cells with the `_add_*` helpers, in derived (genotype) or searchable form,
-and registers its search spaces with `_add_space`.
+cells with the functions of `parts.py`, in derived (genotype) or searchable
+form, which register their search spaces with `add_space`.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from nppnet_tf.layers.architecture import ArchitectureWeights
+from nppnet_tf.layers.architecture import (
+    ArchitectureWeights,
+    architecture_arrays,
+    assign_architecture,
+)
 from nppnet_tf.layers.blocks import channels_shape, creation_scope
-from nppnet_tf.layers.cells import DerivedCell, DerivedDecoderCell
-from nppnet_tf.layers.fusion import DerivedFusionCell, SearchFusionCell
 from nppnet_tf.layers.heads import Head, Projection, Stem
-from nppnet_tf.layers.interaction import DerivedInteraction, SearchInteraction
 from nppnet_tf.layers.resize import resize_bilinear
-from nppnet_tf.layers.search_cells import SearchCell, SearchDecoderCell
 
 NUM_STAGES = 4
 NUM_DECODER_STEPS = 3
@@ -138,7 +138,7 @@ class TwoBranchNetwork(keras.Model):
 
     # ----------------------------------------------------------------- parts
 
-    def _add_heads(self, stages: int) -> None:
+    def add_heads(self, stages: int) -> None:
         """One head set per supervised stage (reference 2.8)."""
         sync = dict(synchronized=self.sync_batchnorm)
         for stage in range(1, stages + 1):
@@ -167,16 +167,17 @@ class TwoBranchNetwork(keras.Model):
                 Head(6, 2, 3, False, name=f"edge_head_{stage}", **sync)
             )
 
-    def _add_space(
+    def add_space(
         self, name: str, node_sizes: Sequence[int], primitives: Sequence[str]
     ) -> ArchitectureWeights:
+        """Registers the alphas and betas of search space `name`."""
         space = ArchitectureWeights(
             node_sizes, primitives, name=f"{name}_architecture"
         )
         self.architecture[name] = space
         return space
 
-    def _encoder_plan(self) -> list[tuple[int, bool, bool]]:
+    def encoder_plan(self) -> list[tuple[int, bool, bool]]:
         """`(node width, reduction, reduction_prev)` of every encoder cell."""
         plan, filters, reduction_prev = [], self.init_channels // 2, False
         per_stage = self.num_cells // NUM_STAGES
@@ -187,81 +188,12 @@ class TwoBranchNetwork(keras.Model):
             reduction_prev = reduction
         return plan
 
-    def _add_derived_encoders(self, genotype) -> None:
-        for branch in BRANCHES:
-            cells = getattr(self, f"{branch}_encoder")
-            for index, (filters, reduction, prev) in enumerate(
-                self._encoder_plan()
-            ):
-                kind = "reduce" if reduction else "normal"
-                cells.append(
-                    DerivedCell(
-                        getattr(genotype, f"{branch}_encoder_{kind}"),
-                        filters,
-                        reduction,
-                        prev,
-                        self.sync_batchnorm,
-                        name=f"{branch}_encoder_{index}",
-                    )
-                )
-                self.encoder_spaces[branch].append(None)
+    def interaction_sources(self, level: str, target: int):
+        """Channels and scales of the candidate sources of one target.
 
-    def _add_search_encoders(self, primitives, partial_channels) -> None:
-        for branch in BRANCHES:
-            for kind in ("normal", "reduce"):
-                self._add_space(
-                    f"{branch}_encoder_{kind}", [2, 3, 4, 5], primitives
-                )
-            cells = getattr(self, f"{branch}_encoder")
-            for index, (filters, reduction, prev) in enumerate(
-                self._encoder_plan()
-            ):
-                kind = "reduce" if reduction else "normal"
-                cells.append(
-                    SearchCell(
-                        filters,
-                        primitives,
-                        reduction,
-                        prev,
-                        partial_channels,
-                        self.sync_batchnorm,
-                        name=f"{branch}_encoder_{index}",
-                    )
-                )
-                self.encoder_spaces[branch].append(f"{branch}_encoder_{kind}")
-
-    def _add_derived_decoders(self, genotype) -> None:
-        for branch in BRANCHES:
-            cells = getattr(self, f"{branch}_decoder")
-            for step, width in enumerate(self.decoder_channels):
-                cells.append(
-                    DerivedDecoderCell(
-                        getattr(genotype, f"{branch}_decoder"),
-                        width // 4,
-                        self.sync_batchnorm,
-                        name=f"{branch}_decoder_{step}",
-                    )
-                )
-
-    def _add_search_decoders(self, primitives, partial_channels) -> None:
-        for branch in BRANCHES:
-            space = f"{branch}_decoder"
-            self._add_space(space, [2, 3, 4, 5], primitives)
-            self.decoder_spaces[branch] = space
-            cells = getattr(self, f"{branch}_decoder")
-            for step, width in enumerate(self.decoder_channels):
-                cells.append(
-                    SearchDecoderCell(
-                        width // 4,
-                        primitives,
-                        partial_channels,
-                        self.sync_batchnorm,
-                        name=f"{branch}_decoder_{step}",
-                    )
-                )
-
-    def _interaction_sources(self, level: str, target: int):
-        """Channels and scales of the candidate sources of one target."""
+        Encoder stage `target`: the other branch's stages 0..target; decoder
+        step `target`: its stages 0..3 and decoder steps 0..target.
+        """
         if level == "encoder":
             count = target + 1
             channels = self.stage_channels[:count]
@@ -269,73 +201,6 @@ class TwoBranchNetwork(keras.Model):
             count = NUM_STAGES + target + 1
             channels = self.stage_channels + self.decoder_channels[: target + 1]
         return channels, SOURCE_SCALES[:count]
-
-    def _add_interactions(
-        self, genotype=None, primitives=(), partial_channels=2
-    ):
-        """Derived interactions from `genotype`, else searchable ones."""
-        for level, count in (
-            ("encoder", NUM_STAGES),
-            ("decoder", NUM_DECODER_STEPS),
-        ):
-            for direction in ("parsing_to_pose", "pose_to_parsing"):
-                field = f"{level}_{direction}"
-                layers = getattr(self, field)
-                if genotype is None:
-                    sizes = [
-                        len(self._interaction_sources(level, t)[0])
-                        for t in range(count)
-                    ]
-                    self._add_space(field, sizes, primitives)
-                    self.interaction_spaces[field] = field
-                for target in range(count):
-                    channels, scales = self._interaction_sources(level, target)
-                    name = f"{field}_{target}"
-                    if genotype is None:
-                        layer = SearchInteraction(
-                            channels,
-                            scales,
-                            primitives,
-                            partial_channels,
-                            self.sync_batchnorm,
-                            name=name,
-                        )
-                    else:
-                        layer = DerivedInteraction(
-                            getattr(genotype, field)[target],
-                            channels,
-                            scales,
-                            self.sync_batchnorm,
-                            name=name,
-                        )
-                    layers.append(layer)
-
-    def _add_fusion(self, genotype=None, primitives=(), partial_channels=2):
-        """Derived fusion cells from `genotype`, else searchable ones."""
-        width = self.stage_channels[0]
-        for task in ("pose", "parsing"):
-            field = f"{task}_fusion"
-            if genotype is None:
-                self._add_space(field, [3, 4, 5, 6], primitives)
-                self.fusion_spaces[field] = field
-            for round_index in range(FUSION_ROUNDS):
-                name = f"{field}_{round_index}"
-                if genotype is None:
-                    cell = SearchFusionCell(
-                        width,
-                        primitives,
-                        partial_channels,
-                        self.sync_batchnorm,
-                        name=name,
-                    )
-                else:
-                    cell = DerivedFusionCell(
-                        getattr(genotype, field),
-                        width,
-                        self.sync_batchnorm,
-                        name=name,
-                    )
-                getattr(self, field).append(cell)
 
     # ----------------------------------------------------------------- build
 
@@ -351,14 +216,14 @@ class TwoBranchNetwork(keras.Model):
             self.parsing_stem.build(input_shape)
             for cells in (self.pose_encoder, self.parsing_encoder):
                 previous = current = channels_shape(self.stage_channels[0])
-                for cell, (filters, _, _) in zip(cells, self._encoder_plan()):
+                for cell, (filters, _, _) in zip(cells, self.encoder_plan()):
                     cell.build(previous, current)
                     previous, current = current, channels_shape(4 * filters)
             for level in ("encoder", "decoder"):
                 for direction in ("parsing_to_pose", "pose_to_parsing"):
                     layers = getattr(self, f"{level}_{direction}")
                     for target, layer in enumerate(layers):
-                        channels, _ = self._interaction_sources(level, target)
+                        channels, _ = self.interaction_sources(level, target)
                         layer.build(
                             [channels_shape(c) for c in channels],
                             channels_shape(channels[-1]),
@@ -563,16 +428,7 @@ class TwoBranchNetwork(keras.Model):
 
     def architecture_arrays(self) -> dict[str, np.ndarray]:
         """`{"<space>/alphas", "<space>/betas", "<space>/ops"}` as numpy."""
-        arrays = {}
-        for name, space in self.architecture.items():
-            arrays[f"{name}/alphas"] = np.asarray(
-                ops.convert_to_numpy(space.alphas)
-            )
-            arrays[f"{name}/betas"] = np.asarray(
-                ops.convert_to_numpy(space.betas)
-            )
-            arrays[f"{name}/ops"] = np.array(space.primitives)
-        return arrays
+        return architecture_arrays(self.architecture)
 
     def assign_architecture(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Assigns alphas and betas from `architecture_arrays()`-style data.
@@ -580,29 +436,7 @@ class TwoBranchNetwork(keras.Model):
         Raises:
             ValueError: on a missing key, a shape mismatch or different ops.
         """
-        for name, space in self.architecture.items():
-            for key in (f"{name}/alphas", f"{name}/betas"):
-                if key not in arrays:
-                    raise ValueError(f"arrays has no {key!r}.")
-            ops_key = f"{name}/ops"
-            if ops_key in arrays and tuple(
-                np.asarray(arrays[ops_key]).tolist()
-            ) != (space.primitives):
-                raise ValueError(
-                    f"{ops_key} = {list(np.asarray(arrays[ops_key]))} differs "
-                    f"from the model's {list(space.primitives)}."
-                )
-            for variable, key in (
-                (space.alphas, "alphas"),
-                (space.betas, "betas"),
-            ):
-                value = np.asarray(arrays[f"{name}/{key}"], dtype="float32")
-                if value.shape != tuple(variable.shape):
-                    raise ValueError(
-                        f"{name}/{key} has shape {value.shape}, expected "
-                        f"{tuple(variable.shape)}."
-                    )
-                variable.assign(value)
+        assign_architecture(self.architecture, arrays)
 
     def get_config(self):
         return {

@@ -7,6 +7,7 @@ from typing import Any
 
 import keras
 
+from nppnet_tf.models import parts
 from nppnet_tf.models.network import TwoBranchNetwork
 from nppnet_tf.search.genotype import Genotype
 
@@ -67,11 +68,11 @@ class NPPNet(TwoBranchNetwork):
             **kwargs,
         )
         self.genotype = genotype
-        self._add_derived_encoders(genotype)
-        self._add_interactions(genotype)
-        self._add_derived_decoders(genotype)
-        self._add_heads(stages=2)
-        self._add_fusion(genotype)
+        parts.add_encoders(self, genotype)
+        parts.add_interactions(self, genotype)
+        parts.add_decoders(self, genotype)
+        self.add_heads(stages=2)
+        parts.add_fusion(self, genotype)
 
     def get_config(self):
         return {**super().get_config(), "genotype": self.genotype.to_dict()}
