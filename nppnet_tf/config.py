@@ -447,6 +447,10 @@ class SearchConfig:
             needed for a resumed search to match an uninterrupted one bit
             for bit.
         jit_compile: compile the steps with XLA.
+        supernet: `module:function` of a model builder `(stage, config,
+            base_genotype) -> built Keras model` searched instead of the
+            NPPNet supernets (small test models, experiments); null: the
+            NPPNet supernets.
     """
 
     init_channels: int = 32
@@ -480,6 +484,7 @@ class SearchConfig:
     seed: int = 0
     deterministic: bool = False
     jit_compile: bool = False
+    supernet: str | None = None
 
     def __post_init__(self):
         _check(
@@ -598,6 +603,16 @@ class SearchConfig:
             "must be >= 1",
         )
         _check(self.seed >= 0, "search.seed", self.seed, "must be >= 0")
+        _check(
+            self.supernet is None
+            or (
+                self.supernet.count(":") == 1
+                and all(part.strip() for part in self.supernet.split(":"))
+            ),
+            "search.supernet",
+            self.supernet,
+            "must be module:function or null",
+        )
 
     def epochs_of(self, stage: str) -> int:
         """Epochs of a search stage (`encoder-decoder` or `interaction`).
