@@ -668,6 +668,185 @@ class DistributeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Final training of the derived network (reference 6; docs/training.md).
+
+    Defaults are the authors' (`augment_lip_sync.py`).
+
+    Attributes:
+        genotype: genotype JSON of the trained network (`--genotype`
+            overrides it); the authors' by default.
+        init_channels: C of the network (64 in the paper).
+        layers: cells per encoder, a multiple of 4.
+        epochs: training epochs.
+        batch_size: global batch (all replicas); the last incomplete batch
+            of every epoch is dropped (the authors').
+        learning_rate: Adam learning rate of every network weight outside
+            the stems and encoders.
+        encoder_lr_multiplier: factor of `learning_rate` for the two stems
+            and the two encoders (the authors' 0.2 for their pretrained
+            part).
+        lambda_lr: Adam learning rate of the four loss lambdas.
+        lr_milestones: epochs at which every learning rate is multiplied by
+            `lr_gamma` (MultiStep, per epoch).
+        lr_gamma: the MultiStep factor.
+        adam_epsilon: epsilon of every Adam (PyTorch's 1e-8).
+        eval_every_epochs: validation (crop protocol, flip test) after
+            every this many epochs, and always after the last one.
+        val_examples: validate on the first this many val images (the
+            authors' 5000; 0: the whole split).
+        val_batch_size: global batch of the validation and of the final
+            evaluation.
+        final_protocol: protocol of the final evaluation of the best model
+            (`official`: original resolution, every val image; `crop`).
+        final_scales: test scales of the final evaluation.
+        final_flip: flip test in the final evaluation.
+        overlays: overlay images written with the final report.
+        init_weights: a `.keras` model or a training checkpoint whose stem
+            and encoder variables initialise the network where names and
+            shapes match (reference 2.12); null: train from scratch.
+        mixed_precision: Keras dtype policy of the network: `float32`,
+            `mixed_float16` (dynamic loss scaling) or `mixed_bfloat16`.
+        jit_compile: compile the train step with XLA (the whole step on
+            one replica; each replica's forward and backward pass on
+            several GPUs; not supported on several CPU replicas).
+        checkpoint_every_steps: checkpoint every this many steps (0: at the
+            end of each epoch only).
+        keep_checkpoints: checkpoints kept on disk.
+        log_every_steps: per-step metrics go to the loggers every this many
+            steps (and at the last step of an epoch).
+        seed: seed of the model initialisation and of the data order and
+            augmentation.
+        deterministic: op determinism and a fixed tf.data order (slower);
+            needed for a resumed training to match an uninterrupted one bit
+            for bit.
+        network: `module:function` of a model builder `(config, genotype)
+            -> built Keras model` trained instead of NPPNet (small test
+            models, experiments); null: NPPNet.
+    """
+
+    genotype: str = "configs/genotypes/nppnet_lip.json"
+    init_channels: int = 64
+    layers: int = 16
+    epochs: int = 190
+    batch_size: int = 64
+    learning_rate: float = 1.5e-3
+    encoder_lr_multiplier: float = 0.2
+    lambda_lr: float = 1e-4
+    lr_milestones: tuple[int, ...] = (150, 170)
+    lr_gamma: float = 0.2
+    adam_epsilon: float = 1e-8
+    eval_every_epochs: int = 1
+    val_examples: int = 5000
+    val_batch_size: int = 64
+    final_protocol: Literal["official", "crop"] = "official"
+    final_scales: tuple[float, ...] = (1.0,)
+    final_flip: bool = True
+    overlays: int = 8
+    init_weights: str | None = None
+    mixed_precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = (
+        "float32"
+    )
+    jit_compile: bool = False
+    checkpoint_every_steps: int = 200
+    keep_checkpoints: int = 3
+    log_every_steps: int = 10
+    seed: int = 0
+    deterministic: bool = False
+    network: str | None = None
+
+    def __post_init__(self):
+        _check(
+            bool(self.genotype.strip()),
+            "train.genotype",
+            self.genotype,
+            "must be a genotype JSON path",
+        )
+        _check(
+            self.init_channels >= 2 and self.init_channels % 2 == 0,
+            "train.init_channels",
+            self.init_channels,
+            "must be a positive even number",
+        )
+        _check(
+            self.layers >= 4 and self.layers % 4 == 0,
+            "train.layers",
+            self.layers,
+            "must be a positive multiple of 4",
+        )
+        for name in (
+            "epochs",
+            "batch_size",
+            "eval_every_epochs",
+            "val_batch_size",
+            "keep_checkpoints",
+            "log_every_steps",
+        ):
+            value = getattr(self, name)
+            _check(value >= 1, f"train.{name}", value, "must be >= 1")
+        for name in (
+            "learning_rate",
+            "encoder_lr_multiplier",
+            "lambda_lr",
+            "adam_epsilon",
+        ):
+            value = getattr(self, name)
+            _check(value > 0, f"train.{name}", value, "must be > 0")
+        _check(
+            list(self.lr_milestones) == sorted(set(self.lr_milestones))
+            and all(m >= 1 for m in self.lr_milestones),
+            "train.lr_milestones",
+            self.lr_milestones,
+            "must be increasing epochs >= 1",
+        )
+        _check(
+            0 < self.lr_gamma <= 1,
+            "train.lr_gamma",
+            self.lr_gamma,
+            "must be in (0, 1]",
+        )
+        _check(
+            self.val_examples >= 0,
+            "train.val_examples",
+            self.val_examples,
+            "must be >= 0 (0: the whole val split)",
+        )
+        _check(
+            len(self.final_scales) >= 1
+            and all(scale > 0 for scale in self.final_scales),
+            "train.final_scales",
+            self.final_scales,
+            "must be a non-empty list of positive scales",
+        )
+        _check(
+            self.overlays >= 0, "train.overlays", self.overlays, "must be >= 0"
+        )
+        _check(
+            self.init_weights is None or bool(self.init_weights.strip()),
+            "train.init_weights",
+            self.init_weights,
+            "must be a path or null",
+        )
+        _check(
+            self.checkpoint_every_steps >= 0,
+            "train.checkpoint_every_steps",
+            self.checkpoint_every_steps,
+            "must be >= 0 (0: at the end of each epoch only)",
+        )
+        _check(self.seed >= 0, "train.seed", self.seed, "must be >= 0")
+        _check(
+            self.network is None
+            or (
+                self.network.count(":") == 1
+                and all(part.strip() for part in self.network.split(":"))
+            ),
+            "train.network",
+            self.network,
+            "must be module:function or null",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """One whole run, as one YAML file describes it."""
 
@@ -683,6 +862,7 @@ class RunConfig:
     export: ExportConfig = ExportConfig()
     search: SearchConfig = SearchConfig()
     distribute: DistributeConfig = DistributeConfig()
+    train: TrainConfig = TrainConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
