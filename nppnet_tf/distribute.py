@@ -184,17 +184,24 @@ def create_strategy(
     """
     config = config or DistributeConfig()
     if wants_multi_worker(config):
-        if isinstance(
-            config.devices, int
-        ) and not tf.config.list_physical_devices("GPU"):
-            split_cpu(config.devices)
-        options = tf.distribute.experimental.CommunicationOptions(
-            implementation=tf.distribute.experimental.CommunicationImplementation.RING
-            if not tf.config.list_physical_devices("GPU")
-            else tf.distribute.experimental.CommunicationImplementation.AUTO
+        # No logical-device listing here: it would initialise TensorFlow's
+        # context, after which collectives can no longer be configured.
+        gpus = tf.config.list_physical_devices("GPU")
+        if not gpus and config.devices not in (None, 1):
+            log.warning(
+                "distribute.devices = %r is ignored across workers: a "
+                "CPU-only MultiWorkerMirroredStrategy worker has one replica",
+                config.devices,
+            )
+        implementation = (
+            tf.distribute.experimental.CommunicationImplementation.AUTO
+            if gpus
+            else tf.distribute.experimental.CommunicationImplementation.RING
         )
         strategy = tf.distribute.MultiWorkerMirroredStrategy(
-            communication_options=options
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                implementation=implementation
+            )
         )
         resolver = strategy.cluster_resolver
         log.info(

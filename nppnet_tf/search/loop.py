@@ -459,8 +459,9 @@ def _stop_agreement(strategy):
     @tf.function
     def agree(flag):
         per_replica = strategy.run(lambda: tf.identity(flag))
+        # ReduceOp has no MAX: any worker's flag makes the sum positive.
         return strategy.reduce(
-            tf.distribute.ReduceOp.MAX, per_replica, axis=None
+            tf.distribute.ReduceOp.SUM, per_replica, axis=None
         )
 
     return lambda wanted: bool(agree(tf.constant(float(wanted))).numpy() > 0)
@@ -666,11 +667,17 @@ def _finish_epoch(context: _Context, epoch: int) -> dict[str, Any]:
 
     config = context.config.search
     started = time.time()
+    # Across workers, `evaluate_crops` would score each worker's share of
+    # the batches only; every worker scores the whole subset instead (on
+    # its own device, default strategy), so all agree on the best epoch.
+    strategy = context.strategy
+    if distribute.is_multi_worker(strategy):
+        strategy = tf.distribute.get_strategy()
     scores = evaluate_crops(
         context.model,
         context.validation,
         flip=True,
-        strategy=context.strategy,
+        strategy=strategy,
         progress=context.chief,
     )
     arrays = context.model.architecture_arrays()

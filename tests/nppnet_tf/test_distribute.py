@@ -119,7 +119,8 @@ arrays = {k: v for k, v in models[0].architecture_arrays().items() if not k.ends
 np.savez(result_file, **arrays)
 print(json.dumps({"status": result.status, "step": result.global_step,
                   "chief": distribute.is_chief(strategy),
-                  "replicas": strategy.num_replicas_in_sync}))
+                  "replicas": strategy.num_replicas_in_sync,
+                  "metrics": result.metrics}))
 """
 
 
@@ -175,6 +176,9 @@ def test_two_workers_on_loopback_end_with_identical_architectures(
         r["replicas"] == 2 and r["status"] == "completed" for r in reports
     )
     assert reports[0]["step"] == reports[1]["step"] == 8
+    # Both workers validated the whole subset and agree.
+    assert reports[0]["metrics"]["val/images"] == 4
+    assert reports[0]["metrics"] == reports[1]["metrics"]
     first = np.load(work / "worker0.npz")
     second = np.load(work / "worker1.npz")
     assert sorted(first.files) == sorted(second.files)
