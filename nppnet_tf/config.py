@@ -330,8 +330,7 @@ class RegistryConfig:
             and not any(c in self.model_name for c in "/:'\"`"),
             "registry.model_name",
             self.model_name,
-            "must be non-empty, without surrounding spaces, '/', ':' or "
-            "quotes",
+            "must be non-empty, without surrounding spaces, '/', ':' or quotes",
         )
         for name in ("candidate_alias", "champion_alias"):
             alias = getattr(self, name)

@@ -23,7 +23,6 @@ tf.config.set_logical_device_configuration(
 )
 
 
-
 @pytest.fixture
 def make_mirrored_strategy():
     """Factory of MirroredStrategy objects whose collective keys do not

@@ -19,7 +19,7 @@ median of `--repeats` further calls. Peak memory is the child's peak RSS
 Reads a genotype JSON; writes `--out` (JSON) and prints a Markdown table.
 
     nppnet bench model                       # everything (about 30 min)
-    nppnet bench model --quick --only nppnet-train-256
+    nppnet bench model --quick --xla off --only nppnet-train-b2-256
 """
 
 from __future__ import annotations
@@ -97,9 +97,15 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        metavar="PREFIX",
-        help="run only variants whose name starts with one of these "
-        "(names like nppnet-train-b2-256, interaction-train-b2-256-xla)",
+        metavar="NAME",
+        help="run only these variants, named without the XLA suffix "
+        "(nppnet-train-b2-256, interaction-train-b2-256, ...; see --list)",
+    )
+    parser.add_argument(
+        "--xla",
+        choices=("off", "on", "both"),
+        default="both",
+        help="XLA variants to run (default: both)",
     )
     parser.add_argument(
         "--timeout",
@@ -116,12 +122,18 @@ def register(subparsers) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     variants = default_variants()
+    if args.xla != "both":
+        variants = [v for v in variants if v.xla == (args.xla == "on")]
     if args.only:
+        known = {v.name.removesuffix("-xla") for v in variants}
+        unknown = sorted(set(args.only) - known)
+        if unknown:
+            raise ValueError(
+                f"--only {unknown[0]!r} is not a variant (see --list)."
+            )
         variants = [
-            v for v in variants if any(v.name.startswith(p) for p in args.only)
+            v for v in variants if v.name.removesuffix("-xla") in args.only
         ]
-        if not variants:
-            raise ValueError(f"--only {args.only} matches no variant.")
     if args.list:
         print("\n".join(v.name for v in variants))
         return 0
