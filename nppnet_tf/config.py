@@ -642,11 +642,17 @@ class DistributeConfig:
         multi_worker: None: MultiWorkerMirroredStrategy when `TF_CONFIG`
             describes a cluster of several workers, else MirroredStrategy;
             true or false forces the choice.
+        graph_optimizations: run TensorFlow's graph optimiser (Grappler)
+            on traced functions. Off, the first call of a step of a big
+            traced graph (a supernet) starts minutes sooner on a CPU at
+            about the same step time (docs/benchmarks.md); the demo turns
+            it off.
     """
 
     devices: int | tuple[str, ...] | None = None
     sync_batchnorm: bool = True
     multi_worker: bool | None = None
+    graph_optimizations: bool = True
 
     def __post_init__(self):
         if isinstance(self.devices, int):
@@ -904,6 +910,13 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+def _float_text(value: str, key: str) -> float | str:
+    """`value` as a float when it is a number in exponent notation."""
+    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        return float(value)
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Checks `value` against the annotation `tp`; returns the typed value."""
     origin = typing.get_origin(tp)
@@ -956,6 +969,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key} = {value!r}: expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads 1e-3 and 1e30, without a dot, as text.
+            value = _float_text(value, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} = {value!r}: expected a number")
         return float(value)

@@ -168,6 +168,16 @@ def _canonical(name: str) -> str:
     )
 
 
+def set_graph_optimizations(enabled: bool) -> None:
+    """Turns Grappler, TensorFlow's graph optimiser, on or off for the
+    functions traced from now on (`distribute.graph_optimizations`)."""
+    tf.config.optimizer.set_experimental_options(
+        {"disable_meta_optimizer": not enabled}
+    )
+    if not enabled:
+        log.info("graph optimisations (Grappler) off")
+
+
 def create_strategy(
     config: DistributeConfig | None = None,
 ) -> tf.distribute.Strategy:
@@ -183,6 +193,7 @@ def create_strategy(
         ValueError: bad devices or `TF_CONFIG`.
     """
     config = config or DistributeConfig()
+    set_graph_optimizations(config.graph_optimizations)
     if wants_multi_worker(config):
         # No logical-device listing here: it would initialise TensorFlow's
         # context, after which collectives can no longer be configured.
