@@ -1,0 +1,339 @@
+"""`nppnet bench search`: seconds per search iteration and peak memory.
+
+One search iteration is what the search loop runs per step after the
+warm-up: a weight step and an architecture step (`BilevelSearch.iteration`,
+first order, entropy term on), on the interaction supernet at the authors'
+search width (C = 32, 16 cells, the authors' fixed cells), global batch 2
+at 256 x 256, random data, on the CPU. Each variant (XLA off/on x 1 and 2
+replicas; two replicas are two logical devices of the one CPU) runs in a
+fresh subprocess, so device set-up and peak memory (`ru_maxrss`) are its
+own. Reported: the median of the timed iterations after `--warmup`
+untimed ones, the first iteration (tracing and graph optimisation) and the
+model build time, and the load average (other processes skew timings).
+
+The authors' PyTorch supernet takes about 26 s per iteration at this size
+on this kind of machine, with a 6.8 GiB peak. Results go to `--out` as
+JSON; the Markdown table printed at the end is the one in docs/search.md,
+"Benchmark".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+AUTHORS_SECONDS_PER_ITERATION = 26.0
+AUTHORS_PEAK_GIB = 6.8
+FULL = dict(init_channels=32, layers=16, image_size=256, batch_size=2)
+QUICK = dict(init_channels=8, layers=4, image_size=64, batch_size=2)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "search",
+        help="search iteration seconds and peak memory, XLA on/off, 1-2 replicas",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--out", default="runs/bench/search.json", help="JSON results"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny supernet (C=8, 4 cells, 64x64) and 2 timed iterations",
+    )
+    parser.add_argument(
+        "--iterations", type=int, default=None, help="timed iterations (5)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed iterations after the first",
+    )
+    parser.add_argument(
+        "--xla",
+        choices=["off", "on", "both"],
+        default="both",
+        help="XLA variants to run",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="replica counts to run",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="seconds allowed per variant",
+    )
+    parser.add_argument(
+        "--variant", help=argparse.SUPPRESS
+    )  # internal: run one variant in this process, print JSON
+    parser.set_defaults(handler=bench_search)
+
+
+def _sizes(quick: bool) -> dict:
+    return dict(QUICK if quick else FULL)
+
+
+def run_variant(
+    xla: bool,
+    replicas: int,
+    sizes: dict,
+    iterations: int,
+    warmup: int,
+) -> dict:
+    """Times one variant in this process (call before any TensorFlow op).
+
+    Returns:
+        A JSON-able result dict.
+    """
+    import resource
+
+    from nppnet_tf.distribute import split_cpu
+
+    devices = split_cpu(replicas)
+    import numpy as np
+    import tensorflow as tf
+
+    from nppnet_tf.config import LossConfig, SearchConfig
+    from nppnet_tf.models.interaction_supernet import InteractionSupernet
+    from nppnet_tf.search.bilevel import BilevelSearch
+    from nppnet_tf.search.genotype import Genotype
+    from nppnet_tf.training.losses import NPPNetLoss
+    from pipeline.commands.search import authors_genotype_path
+
+    size, batch = sizes["image_size"], sizes["batch_size"]
+    strategy = tf.distribute.MirroredStrategy(devices)
+    started = time.perf_counter()
+    with strategy.scope():
+        model = InteractionSupernet(
+            Genotype.load(authors_genotype_path()),
+            init_channels=sizes["init_channels"],
+            num_cells=sizes["layers"],
+            sync_batchnorm=True,
+        )
+        model.build((None, size, size, 3))
+        loss = NPPNetLoss(LossConfig())
+        search = BilevelSearch(
+            model,
+            loss,
+            SearchConfig(
+                init_channels=sizes["init_channels"],
+                layers=sizes["layers"],
+                batch_size=batch,
+                jit_compile=xla,
+            ),
+            strategy,
+        )
+    build_seconds = time.perf_counter() - started
+    rng = np.random.default_rng(0)
+    grid = size // 4
+
+    def random_batch():
+        return (
+            rng.normal(size=(batch, size, size, 3)).astype("float32"),
+            {
+                "heatmaps": rng.uniform(size=(batch, grid, grid, 16)).astype(
+                    "float32"
+                ),
+                "heatmaps_aux": rng.uniform(
+                    size=(batch, grid, grid, 16)
+                ).astype("float32"),
+                "parsing": rng.integers(0, 20, (batch, size, size)).astype(
+                    "int32"
+                ),
+                "edge": rng.integers(0, 2, (batch, size, size)).astype("int32"),
+            },
+        )
+
+    pair = tf.data.Dataset.from_tensors((random_batch(), random_batch()))
+    distributed = strategy.experimental_distribute_dataset(pair.repeat())
+    search.set_batch_spec(distributed.element_spec[0])
+    batches = iter(distributed)
+    times = []
+    for _ in range(1 + warmup + iterations):
+        weight_batch, architecture_batch = next(batches)
+        started = time.perf_counter()
+        metrics = search.iteration(weight_batch, architecture_batch, 2.0)
+        float(metrics["architecture/objective"])  # waits for the step
+        times.append(time.perf_counter() - started)
+    timed = times[1 + warmup :]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {
+        "xla": xla,
+        "replicas": replicas,
+        "status": "ok",
+        "seconds_per_iteration": round(statistics.median(timed), 3),
+        "iteration_seconds": [round(t, 3) for t in timed],
+        "first_iteration_seconds": round(times[0], 1),
+        "build_seconds": round(build_seconds, 1),
+        "peak_rss_gib": round(peak, 2),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "--log-level",
+        "WARNING",
+        "bench",
+        "search",
+        "--variant",
+        json.dumps({**variant, "sizes": sizes}),
+        "--warmup",
+        str(args.warmup),
+        "--iterations",
+        str(args.iterations),
+    ]
+    log.info(
+        "variant XLA %s, %d replica(s): %s",
+        "on" if variant["xla"] else "off",
+        variant["replicas"],
+        " ".join(command),
+    )
+    started = time.time()
+    try:
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=args.timeout,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
+    except subprocess.TimeoutExpired:
+        return {
+            **variant,
+            "status": "timeout",
+            "error": f"no result within {args.timeout:.0f} s",
+        }
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        return {
+            **variant,
+            "status": "failed",
+            "error": f"exit {done.returncode}: {tail}",
+            "seconds": round(time.time() - started, 1),
+        }
+    return json.loads(lines[-1])
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = [
+        "| XLA | replicas | s / iteration (median) | first iteration s | build s | peak RSS GiB | load average |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        xla = "on" if r["xla"] else "off"
+        if r.get("status") != "ok":
+            lines.append(
+                f"| {xla} | {r['replicas']} | {r['status']}: "
+                f"{r.get('error', '').splitlines()[-1][:80]} | | | | |"
+            )
+            continue
+        lines.append(
+            f"| {xla} | {r['replicas']} | {r['seconds_per_iteration']:.2f} | "
+            f"{r['first_iteration_seconds']:.0f} | {r['build_seconds']:.0f} | "
+            f"{r['peak_rss_gib']:.2f} | "
+            f"{' '.join(f'{x:.1f}' for x in r['load_average'])} |"
+        )
+    lines.append(
+        f"| (authors, PyTorch) | 1 | {AUTHORS_SECONDS_PER_ITERATION:.0f} | | | "
+        f"{AUTHORS_PEAK_GIB} | |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def bench_search(args) -> int:
+    if args.iterations is None:
+        args.iterations = 2 if args.quick else 5
+    if args.iterations < 1 or args.warmup < 0:
+        raise ValueError(
+            f"--iterations must be >= 1 and --warmup >= 0, got "
+            f"{args.iterations} and {args.warmup}"
+        )
+    if args.variant:
+        variant = json.loads(args.variant)
+        try:
+            result = run_variant(
+                variant["xla"],
+                variant["replicas"],
+                variant["sizes"],
+                args.iterations,
+                args.warmup,
+            )
+        except Exception as err:  # reported as this variant's result
+            log.exception("variant failed")
+            result = {
+                "xla": variant["xla"],
+                "replicas": variant["replicas"],
+                "status": "failed",
+                "error": f"{type(err).__name__}: {err}",
+            }
+        sys.stdout.write(json.dumps(result) + "\n")
+        return 0 if result["status"] == "ok" else 1
+    if any(r < 1 for r in args.replicas):
+        raise ValueError(f"--replicas must all be >= 1, got {args.replicas}")
+    sizes = _sizes(args.quick)
+    xla_values = {"off": [False], "on": [True], "both": [False, True]}[args.xla]
+    results = []
+    for xla in xla_values:
+        for replicas in args.replicas:
+            result = _run_subprocess(
+                {"xla": xla, "replicas": replicas}, args, sizes
+            )
+            log.info("%s", result)
+            results.append(result)
+    import tensorflow as tf
+
+    report = {
+        "benchmark": "search",
+        "created": datetime.datetime.now(datetime.UTC).isoformat(
+            timespec="seconds"
+        ),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+        },
+        "model": {
+            "supernet": "InteractionSupernet (authors' cells)",
+            **sizes,
+            "iteration": "weight step + architecture step, first order, "
+            "entropy on, sync BatchNorm",
+        },
+        "timed_iterations": args.iterations,
+        "warmup_iterations": args.warmup,
+        "authors": {
+            "seconds_per_iteration": AUTHORS_SECONDS_PER_ITERATION,
+            "peak_gib": AUTHORS_PEAK_GIB,
+        },
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    log.info("wrote %s", out)
+    sys.stdout.write(markdown_table(results))
+    return 0 if all(r.get("status") == "ok" for r in results) else 1
