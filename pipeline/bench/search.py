@@ -11,6 +11,12 @@ own. Reported: the median of the timed iterations after `--warmup`
 untimed ones, the first iteration (tracing and graph optimisation) and the
 model build time, and the load average (other processes skew timings).
 
+`--grappler off|both` also runs the variants with TensorFlow's graph
+optimiser off (`distribute.graph_optimizations: false`, set in the child
+before anything is built); with both, each (XLA, replicas) pair's ratios
+off / on of the first iteration and of the median iteration are reported
+(`grappler_ratios` in the JSON).
+
 The authors' PyTorch supernet takes about 26 s per iteration at this size
 on this kind of machine, with a 6.8 GiB peak. Results go to `--out` as
 JSON; the Markdown table printed at the end is the one in docs/search.md,
@@ -76,6 +82,7 @@ def register(subparsers) -> None:
         default=[1, 2],
         help="replica counts to run",
     )
+    add_grappler_argument(parser)
     parser.add_argument(
         "--timeout",
         type=float,
@@ -88,8 +95,68 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=bench_search)
 
 
+def add_grappler_argument(parser: argparse.ArgumentParser) -> None:
+    """`--grappler on|off|both` (shared with `nppnet bench train`)."""
+    parser.add_argument(
+        "--grappler",
+        choices=["on", "off", "both"],
+        default="on",
+        help="graph optimiser (Grappler) variants to run; both also reports "
+        "the ratios off / on",
+    )
+
+
+def on_off(choice: str) -> list[bool]:
+    """`--xla` / `--grappler` choice -> the values to run."""
+    return {"off": [False], "on": [True], "both": [False, True]}[choice]
+
+
+def grappler_ratios(
+    results: list[dict], keys: tuple[str, ...], first: str, median: str
+) -> list[dict]:
+    """Grappler off / on ratios of variants that differ only in Grappler.
+
+    Args:
+        results: variant results, each with `grappler`, `status` and `keys`.
+        keys: the other fields that identify a variant (`xla`, ...).
+        first: the field of the first (traced) call's seconds.
+        median: the field of the median timed call's seconds.
+
+    Returns:
+        One dict per pair whose two variants both succeeded: the `keys`,
+        `first_off_over_on` and `median_off_over_on` (below 1: faster
+        without Grappler).
+    """
+    ok = [r for r in results if r.get("status") == "ok" and "grappler" in r]
+    ratios = []
+    for on in (r for r in ok if r["grappler"]):
+        for off in (r for r in ok if not r["grappler"]):
+            if on[first] > 0 and all(on[key] == off[key] for key in keys):
+                ratios.append(
+                    {
+                        **{key: on[key] for key in keys},
+                        "first_off_over_on": round(off[first] / on[first], 3),
+                        "median_off_over_on": round(
+                            off[median] / on[median], 3
+                        ),
+                    }
+                )
+    return ratios
+
+
 def _sizes(quick: bool) -> dict:
     return dict(QUICK if quick else FULL)
+
+
+def variants(args: argparse.Namespace) -> list[dict]:
+    """The (XLA, replicas, Grappler) variants the options ask for, Grappler
+    innermost so that the pair compared runs back to back."""
+    return [
+        {"xla": xla, "replicas": replicas, "grappler": grappler}
+        for xla in on_off(args.xla)
+        for replicas in args.replicas
+        for grappler in on_off(args.grappler)
+    ]
 
 
 def run_variant(
@@ -98,6 +165,7 @@ def run_variant(
     sizes: dict,
     iterations: int,
     warmup: int,
+    grappler: bool = True,
 ) -> dict:
     """Times one variant in this process (call before any TensorFlow op).
 
@@ -106,8 +174,9 @@ def run_variant(
     """
     import resource
 
-    from nppnet_tf.distribute import split_cpu
+    from nppnet_tf.distribute import set_graph_optimizations, split_cpu
 
+    set_graph_optimizations(grappler)  # as create_strategy: before devices
     devices = split_cpu(replicas)
     import numpy as np
     import tensorflow as tf
@@ -179,6 +248,7 @@ def run_variant(
     return {
         "xla": xla,
         "replicas": replicas,
+        "grappler": grappler,
         "status": "ok",
         "seconds_per_iteration": round(statistics.median(timed), 3),
         "iteration_seconds": [round(t, 3) for t in timed],
@@ -206,9 +276,10 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
         str(args.iterations),
     ]
     log.info(
-        "variant XLA %s, %d replica(s): %s",
+        "variant XLA %s, %d replica(s), Grappler %s: %s",
         "on" if variant["xla"] else "off",
         variant["replicas"],
+        "on" if variant["grappler"] else "off",
         " ".join(command),
     )
     started = time.time()
@@ -238,29 +309,42 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def markdown_table(results: list[dict]) -> str:
+def markdown_table(results: list[dict], ratios: list[dict] = ()) -> str:
     lines = [
-        "| XLA | replicas | s / iteration (median) | first iteration s | build s | peak RSS GiB | load average |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| XLA | replicas | Grappler | s / iteration (median) | first iteration s | build s | peak RSS GiB | load average |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         xla = "on" if r["xla"] else "off"
+        grappler = "on" if r.get("grappler", True) else "off"
+        head = f"| {xla} | {r['replicas']} | {grappler} |"
         if r.get("status") != "ok":
-            lines.append(
-                f"| {xla} | {r['replicas']} | {r['status']}: "
-                f"{r.get('error', '').splitlines()[-1][:80]} | | | | |"
-            )
+            reason = (r.get("error") or "").strip().splitlines() or [""]
+            lines.append(f"{head} {r['status']}: {reason[-1][:80]} | | | | |")
             continue
         lines.append(
-            f"| {xla} | {r['replicas']} | {r['seconds_per_iteration']:.2f} | "
-            f"{r['first_iteration_seconds']:.0f} | {r['build_seconds']:.0f} | "
+            f"{head} {r['seconds_per_iteration']:.2f} | "
+            f"{r['first_iteration_seconds']:.1f} | {r['build_seconds']:.0f} | "
             f"{r['peak_rss_gib']:.2f} | "
             f"{' '.join(f'{x:.1f}' for x in r['load_average'])} |"
         )
     lines.append(
-        f"| (authors, PyTorch) | 1 | {AUTHORS_SECONDS_PER_ITERATION:.0f} | | | "
-        f"{AUTHORS_PEAK_GIB} | |"
+        f"| (authors, PyTorch) | 1 | | {AUTHORS_SECONDS_PER_ITERATION:.0f} | "
+        f"| | {AUTHORS_PEAK_GIB} | |"
     )
+    if ratios:
+        lines += [
+            "",
+            "| XLA | replicas | first iteration, Grappler off / on | "
+            "median iteration, off / on |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in ratios:
+            lines.append(
+                f"| {'on' if r['xla'] else 'off'} | {r['replicas']} | "
+                f"{r['first_off_over_on']:.2f} | "
+                f"{r['median_off_over_on']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -281,12 +365,14 @@ def bench_search(args) -> int:
                 variant["sizes"],
                 args.iterations,
                 args.warmup,
+                variant.get("grappler", True),
             )
         except Exception as err:  # reported as this variant's result
             log.exception("variant failed")
             result = {
                 "xla": variant["xla"],
                 "replicas": variant["replicas"],
+                "grappler": variant.get("grappler", True),
                 "status": "failed",
                 "error": f"{type(err).__name__}: {err}",
             }
@@ -295,15 +381,17 @@ def bench_search(args) -> int:
     if any(r < 1 for r in args.replicas):
         raise ValueError(f"--replicas must all be >= 1, got {args.replicas}")
     sizes = _sizes(args.quick)
-    xla_values = {"off": [False], "on": [True], "both": [False, True]}[args.xla]
     results = []
-    for xla in xla_values:
-        for replicas in args.replicas:
-            result = _run_subprocess(
-                {"xla": xla, "replicas": replicas}, args, sizes
-            )
-            log.info("%s", result)
-            results.append(result)
+    for variant in variants(args):
+        result = _run_subprocess(variant, args, sizes)
+        log.info("%s", result)
+        results.append(result)
+    ratios = grappler_ratios(
+        results,
+        ("xla", "replicas"),
+        "first_iteration_seconds",
+        "seconds_per_iteration",
+    )
     import tensorflow as tf
 
     report = {
@@ -330,10 +418,11 @@ def bench_search(args) -> int:
             "peak_gib": AUTHORS_PEAK_GIB,
         },
         "results": results,
+        "grappler_ratios": ratios,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     log.info("wrote %s", out)
-    sys.stdout.write(markdown_table(results))
+    sys.stdout.write(markdown_table(results, ratios))
     return 0 if all(r.get("status") == "ok" for r in results) else 1

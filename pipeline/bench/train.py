@@ -14,13 +14,17 @@ from it, the first step (tracing, graph optimisation, XLA compilation),
 the model build time, the peak RSS, and the load average before and after
 the variant (other processes on a shared machine skew timings). A variant
 the step refuses (XLA on several CPU replicas) is reported with its
-reason.
+reason. `--grappler off|both` also runs the variants with TensorFlow's
+graph optimiser off (`distribute.graph_optimizations: false`); with both,
+the ratios off / on of the first step and of the median step are
+reported (`grappler_ratios` in the JSON).
 
 Results go to `--out` as JSON; the Markdown table printed at the end is
 the one in docs/training.md, "Benchmark".
 
     nppnet bench train                  # every variant (about an hour)
     nppnet bench train --quick --precision float32 --xla off
+    nppnet bench train --quick --precision float32 --xla off --grappler both
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pipeline.bench.search import add_grappler_argument, grappler_ratios, on_off
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,7 @@ def register(subparsers) -> None:
         default=[1, 2],
         help="replica counts to run",
     )
+    add_grappler_argument(parser)
     parser.add_argument(
         "--timeout",
         type=float,
@@ -96,6 +103,18 @@ def register(subparsers) -> None:
         "--variant", help=argparse.SUPPRESS
     )  # internal: run one variant in this process, print JSON
     parser.set_defaults(handler=bench_train)
+
+
+def variants(args: argparse.Namespace) -> list[dict]:
+    """The variants the options ask for, Grappler innermost so that the
+    pair compared runs back to back."""
+    return [
+        dict(precision=precision, xla=xla, replicas=replicas, grappler=grappler)
+        for precision in args.precision
+        for xla in on_off(args.xla)
+        for replicas in args.replicas
+        for grappler in on_off(args.grappler)
+    ]
 
 
 def _load() -> list[float]:
@@ -109,6 +128,7 @@ def run_variant(
     sizes: dict,
     steps: int,
     warmup: int,
+    grappler: bool = True,
 ) -> dict:
     """Times one variant in this process (call before any TensorFlow op).
 
@@ -117,8 +137,9 @@ def run_variant(
     """
     import resource
 
-    from nppnet_tf.distribute import split_cpu
+    from nppnet_tf.distribute import set_graph_optimizations, split_cpu
 
+    set_graph_optimizations(grappler)  # as create_strategy: before devices
     devices = split_cpu(replicas)
     import keras
     import numpy as np
@@ -186,6 +207,7 @@ def run_variant(
         "precision": precision,
         "xla": xla,
         "replicas": replicas,
+        "grappler": grappler,
         "status": "ok",
         "images_per_second": round(batch / median, 3),
         "seconds_per_step": round(median, 3),
@@ -217,10 +239,11 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
         str(args.steps),
     ]
     log.info(
-        "variant %s, XLA %s, %d replica(s)",
+        "variant %s, XLA %s, %d replica(s), Grappler %s",
         variant["precision"],
         "on" if variant["xla"] else "off",
         variant["replicas"],
+        "on" if variant["grappler"] else "off",
     )
     started = time.time()
     try:
@@ -250,15 +273,16 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def markdown_table(results: list[dict]) -> str:
+def markdown_table(results: list[dict], ratios: list[dict] = ()) -> str:
     lines = [
-        "| precision | XLA | replicas | images/s | s / step (median) | "
-        "first step s | build s | peak RSS GiB | load before / after |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| precision | XLA | replicas | Grappler | images/s | s / step (median) "
+        "| first step s | build s | peak RSS GiB | load before / after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         xla = "on" if r["xla"] else "off"
-        head = f"| {r['precision']} | {xla} | {r['replicas']} |"
+        grappler = "on" if r.get("grappler", True) else "off"
+        head = f"| {r['precision']} | {xla} | {r['replicas']} | {grappler} |"
         if r.get("status") != "ok":
             reason = (r.get("error") or "").strip().splitlines() or [""]
             lines.append(f"{head} {r['status']}: {reason[0][:90]} | | | | | |")
@@ -269,9 +293,22 @@ def markdown_table(results: list[dict]) -> str:
         )
         lines.append(
             f"{head} {r['images_per_second']:.2f} | "
-            f"{r['seconds_per_step']:.2f} | {r['first_step_seconds']:.0f} | "
+            f"{r['seconds_per_step']:.2f} | {r['first_step_seconds']:.1f} | "
             f"{r['build_seconds']:.0f} | {r['peak_rss_gib']:.2f} | {loads} |"
         )
+    if ratios:
+        lines += [
+            "",
+            "| precision | XLA | replicas | first step, Grappler off / on "
+            "| median step, off / on |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in ratios:
+            lines.append(
+                f"| {r['precision']} | {'on' if r['xla'] else 'off'} | "
+                f"{r['replicas']} | {r['first_off_over_on']:.2f} | "
+                f"{r['median_off_over_on']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -285,6 +322,7 @@ def _one_variant(args) -> int:
             variant["sizes"],
             args.steps,
             args.warmup,
+            variant.get("grappler", True),
         )
     except ValueError as err:  # a combination the step refuses
         result = {**variant, "status": "unsupported", "error": str(err)}
@@ -313,17 +351,19 @@ def bench_train(args) -> int:
     if any(r < 1 for r in args.replicas):
         raise ValueError(f"--replicas must all be >= 1, got {args.replicas}")
     sizes = dict(QUICK if args.quick else FULL)
-    xla_values = {"off": [False], "on": [True], "both": [False, True]}[args.xla]
     load_start = _load()
     started = time.time()
     results = []
-    for precision in args.precision:
-        for xla in xla_values:
-            for replicas in args.replicas:
-                variant = dict(precision=precision, xla=xla, replicas=replicas)
-                result = _run_subprocess(variant, args, sizes)
-                log.info("%s", result)
-                results.append(result)
+    for variant in variants(args):
+        result = _run_subprocess(variant, args, sizes)
+        log.info("%s", result)
+        results.append(result)
+    ratios = grappler_ratios(
+        results,
+        ("precision", "xla", "replicas"),
+        "first_step_seconds",
+        "seconds_per_step",
+    )
     import tensorflow as tf
 
     report = {
@@ -349,12 +389,13 @@ def bench_train(args) -> int:
         "load_average_end": _load(),
         "seconds": round(time.time() - started, 1),
         "results": results,
+        "grappler_ratios": ratios,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     log.info("wrote %s", out)
-    sys.stdout.write(markdown_table(results))
+    sys.stdout.write(markdown_table(results, ratios))
     return (
         0
         if all(r.get("status") in ("ok", "unsupported") for r in results)

@@ -1,0 +1,89 @@
+"""`--grappler` of `nppnet bench search` and `nppnet bench train`: the
+variants it asks for and the off / on ratios (no TensorFlow work)."""
+
+import pytest
+
+from pipeline.bench import search, train
+from pipeline.cli import build_parser
+
+
+def _args(*argv):
+    return build_parser().parse_args(["bench", *argv])
+
+
+def test_search_runs_grappler_on_by_default():
+    args = _args("search", "--xla", "off", "--replicas", "1")
+    assert search.variants(args) == [
+        {"xla": False, "replicas": 1, "grappler": True}
+    ]
+
+
+def test_search_both_puts_the_pair_back_to_back():
+    args = _args("search", "--grappler", "both", "--replicas", "1", "2")
+    assert [
+        (v["xla"], v["replicas"], v["grappler"]) for v in search.variants(args)
+    ] == [
+        (False, 1, False),
+        (False, 1, True),
+        (False, 2, False),
+        (False, 2, True),
+        (True, 1, False),
+        (True, 1, True),
+        (True, 2, False),
+        (True, 2, True),
+    ]
+
+
+def test_train_grappler_off():
+    args = _args(
+        "train", "--precision", "float32", "--xla", "off", "--grappler", "off"
+    )
+    assert train.variants(args) == [
+        {"precision": "float32", "xla": False, "replicas": r, "grappler": False}
+        for r in (1, 2)
+    ]
+
+
+def test_grappler_rejects_other_values():
+    with pytest.raises(SystemExit):
+        _args("search", "--grappler", "maybe")
+
+
+def _result(grappler, replicas, first, median, status="ok"):
+    return {
+        "xla": False,
+        "replicas": replicas,
+        "grappler": grappler,
+        "status": status,
+        "first_iteration_seconds": first,
+        "seconds_per_iteration": median,
+        "build_seconds": 2.0,
+        "peak_rss_gib": 1.0,
+        "load_average": [0.5, 0.5, 0.5],
+    }
+
+
+def test_ratios_pair_variants_that_differ_only_in_grappler():
+    results = [
+        _result(False, 1, 33.0, 0.7),
+        _result(True, 1, 110.0, 0.7),
+        _result(False, 2, 40.0, 1.0),
+        _result(True, 2, 0.0, 0.0, status="timeout"),
+    ]
+    ratios = search.grappler_ratios(
+        results,
+        ("xla", "replicas"),
+        "first_iteration_seconds",
+        "seconds_per_iteration",
+    )
+    assert ratios == [
+        {
+            "xla": False,
+            "replicas": 1,
+            "first_off_over_on": 0.3,
+            "median_off_over_on": 1.0,
+        }
+    ]
+    table = search.markdown_table(results, ratios)
+    assert "| off | 1 | 0.30 | 1.00 |" in table
+    assert "| off | 2 | on | timeout" in table
