@@ -29,18 +29,90 @@ def _check(condition: bool, key: str, value: Any, requirement: str) -> None:
         raise ConfigError(f"{key} = {value!r}: {requirement}")
 
 
+# The stages of `nppnet run`, in their fixed order (docs/pipeline.md).
+PIPELINE_STAGES = (
+    "preprocess",
+    "validate",
+    "search-encoder-decoder",
+    "search-interaction",
+    "train",
+    "evaluate",
+    "export",
+    "serve-check",
+    "register",
+    "promote",
+)
+# stage -> stages it reads the outputs of (each must run before it).
+STAGE_NEEDS = {
+    "validate": ("preprocess",),
+    "search-encoder-decoder": ("preprocess",),
+    "search-interaction": ("preprocess",),
+    "train": ("preprocess",),
+    "evaluate": ("train",),
+    "export": ("train",),
+    "serve-check": ("export",),
+    "register": ("export", "evaluate"),
+    "promote": ("register",),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSection:
-    """Where a run reads and writes.
+    """Where a run reads and writes, and which stages `nppnet run` runs.
 
     Attributes:
         work_dir: every artifact of the run goes under this directory.
         lip_root: a LIP release folder; None synthesises one under
             `work_dir/lip` from the `synth` section.
+        stages: the stages of `nppnet run`, a subsequence of
+            `PIPELINE_STAGES` in that order. Without the searches, `train`
+            trains `train.genotype` (e.g. the authors'); without
+            `search-encoder-decoder`, the interaction search searches on
+            the cells of `train.genotype`.
     """
 
     work_dir: str = "runs/lip"
     lip_root: str | None = None
+    stages: tuple[str, ...] = PIPELINE_STAGES
+
+    def __post_init__(self):
+        for stage in self.stages:
+            _check(
+                stage in PIPELINE_STAGES,
+                "run.stages",
+                list(self.stages),
+                f"{stage!r} is not a stage (stages: "
+                f"{', '.join(PIPELINE_STAGES)})",
+            )
+        _check(
+            len(set(self.stages)) == len(self.stages)
+            and list(self.stages)
+            == [s for s in PIPELINE_STAGES if s in self.stages],
+            "run.stages",
+            list(self.stages),
+            "must list each stage once, in the pipeline's order: "
+            + " -> ".join(PIPELINE_STAGES),
+        )
+        for stage in self.stages:
+            for need in STAGE_NEEDS.get(stage, ()):
+                _check(
+                    need in self.stages,
+                    "run.stages",
+                    list(self.stages),
+                    f"{stage!r} needs the outputs of {need!r}, which is "
+                    "not listed",
+                )
+        _check(
+            not (
+                "search-encoder-decoder" in self.stages
+                and "train" in self.stages
+                and "search-interaction" not in self.stages
+            ),
+            "run.stages",
+            list(self.stages),
+            "'search-encoder-decoder' finds cells only; 'train' then needs "
+            "'search-interaction' to complete the genotype",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -707,6 +779,9 @@ class TrainConfig:
         final_scales: test scales of the final evaluation.
         final_flip: flip test in the final evaluation.
         overlays: overlay images written with the final report.
+        final_baseline: the final evaluation also scores the untrained
+            network (same genotype, size and seed, initial weights) by the
+            same protocol, for comparison (`baseline` in the report).
         init_weights: a `.keras` model or a training checkpoint whose stem
             and encoder variables initialise the network where names and
             shapes match (reference 2.12); null: train from scratch.
@@ -748,6 +823,7 @@ class TrainConfig:
     final_scales: tuple[float, ...] = (1.0,)
     final_flip: bool = True
     overlays: int = 8
+    final_baseline: bool = False
     init_weights: str | None = None
     mixed_precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = (
         "float32"

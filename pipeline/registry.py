@@ -16,7 +16,9 @@ rules and the layout are in docs/registry.md.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
+import json
 import logging
 import math
 import shutil
@@ -40,6 +42,8 @@ GENOTYPE_ARTIFACT = "genotype.json"
 TAG_GENOTYPE = "genotype_sha256"
 TAG_DATA = "data_fingerprint"
 TAG_SAVED_MODEL = "saved_model_fingerprint"
+# Export metadata that changes what the signatures compute.
+SERVING_OPTIONS = ("image_size", "flip")
 TAG_SAVED_MODEL_CHECKSUM = "saved_model_checksum"
 TAG_MIOU = "val_miou"
 TAG_PCKH = "val_pckh"
@@ -79,8 +83,12 @@ class SavedModelFingerprint:
 
     Attributes:
         singleprint: graph, signatures, object graph and checkpoint hashes
-            joined by `/`; the same for two exports of the same model and
-            weights, so it is the registry's identity of a SavedModel.
+            joined by `/`, then (for an export of `nppnet export`) `+serving:`
+            and a hash of the serving options of its metadata (`image_size`,
+            `flip`). TensorFlow's part is the same for two exports of the
+            same model and weights, and also when only the code inside the
+            signature functions differs (the flip test on or off), hence
+            the options. The registry's identity of a SavedModel.
         checksum: `saved_model_checksum`, the hash of `saved_model.pb`;
             differs between two exports of the same model (function names
             are not deterministic), kept for tracing one directory.
@@ -146,8 +154,21 @@ def read_saved_model_fingerprint(
     import tensorflow as tf
 
     fingerprint = tf.saved_model.experimental.read_fingerprint(str(path))
+    singleprint = fingerprint.singleprint()
+    try:
+        from nppnet_tf.serving.layout import read_metadata
+
+        metadata = read_metadata(path)
+    except FileNotFoundError:
+        metadata = None
+    if metadata is not None:
+        options = json.dumps(
+            {k: metadata.get(k) for k in SERVING_OPTIONS}, sort_keys=True
+        )
+        digest = hashlib.sha256(options.encode()).hexdigest()[:12]
+        singleprint = f"{singleprint}+serving:{digest}"
     return SavedModelFingerprint(
-        singleprint=fingerprint.singleprint(),
+        singleprint=singleprint,
         checksum=str(fingerprint.saved_model_checksum),
     )
 

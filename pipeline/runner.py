@@ -1,16 +1,22 @@
 """Stage runner of `nppnet run`: manifests, skip-if-up-to-date, lock.
 
-Every stage writes `<work_dir>/stages/<name>.json`: its config section hash,
+Every stage writes `<work_dir>/stages/<name>.json`: its config keys' hash,
 the fingerprints of its inputs (the outputs of the stages before it), the
-code version, its outputs and timings. A stage is skipped when that manifest
-says it succeeded with the same config, inputs and code version and its
-outputs still exist; otherwise it runs, and so does every stage after it
-(their inputs changed). A failed or killed stage has no successful manifest,
-so the next run restarts from it.
+code version (package version and git revision), its outputs and timings.
+A stage is skipped when that manifest says it succeeded with the same
+config, inputs and package version and its outputs still exist; otherwise
+it runs, and so does every stage after it (their inputs changed). A new
+package version re-runs everything; a new commit alone does not (a
+scheduled run would otherwise repeat days of search and training after
+every documentation change): `nppnet run --from STAGE` re-runs on purpose.
+A failed or killed stage's manifest says `failed` or `running`, so the next
+run restarts from it, resuming its work when its config and inputs are
+unchanged (`StageContext.resume`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -43,6 +49,7 @@ class StageFailed(RuntimeError):
     def __init__(self, message: str, exit_code: int = EXIT_ERROR):
         super().__init__(message)
         self.exit_code = exit_code
+        self.records: list[StageRecord] = []  # set by `run_stages`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +58,8 @@ class Stage:
 
     Attributes:
         name: stage name (also the manifest file name).
-        sections: config sections whose values key this stage.
+        sections: the config values that key this stage: whole sections
+            (`"train"`) or single keys (`"train.final_flip"`).
         run: `run(context) -> outputs`; outputs is a JSON-able dict that must
             hold a `fingerprint` string identifying what the stage produced,
             and may hold `skipped: True` when the stage found its own work
@@ -65,7 +73,7 @@ class Stage:
     """
 
     name: str
-    sections: tuple[str, ...]
+    sections: tuple[str, ...]  # "section" or "section.key"
     run: Callable[[StageContext], dict[str, Any]]
     outputs_exist: Callable[[Mapping[str, Any]], bool] = lambda outputs: True
     always_run: bool = False
@@ -79,6 +87,11 @@ class StageContext:
     work_dir: Path
     results: dict[str, dict[str, Any]]  # outputs of the stages before
     force: bool = False
+    # The previous attempt of this stage, with the same config and inputs,
+    # failed or was killed: continue its work (search and training resume
+    # from their checkpoints) instead of starting over.
+    resume: bool = False
+    tracking: Any = None  # the stage's MLflow logger (NullLogger when off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +121,16 @@ def git_revision() -> str | None:
     return version.split("+g", 1)[1] if "+g" in version else None
 
 
+def config_value(config: RunConfig, key: str) -> Any:
+    """`config.<section>` or `config.<section>.<key>` for a stage key."""
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _config_hash(config: RunConfig, sections: Sequence[str]) -> str:
-    return section_hash({name: getattr(config, name) for name in sections})
+    return section_hash({name: config_value(config, name) for name in sections})
 
 
 def _input_fingerprint(results: Mapping[str, Mapping[str, Any]]) -> str:
@@ -177,28 +198,44 @@ class RunLock:
             self._handle = None
 
 
+def _no_tracking(stage: Stage, status: str):
+    return contextlib.nullcontext(None)
+
+
 def run_stages(
     stages: Sequence[Stage],
     config: RunConfig,
     force: bool = False,
     from_stage: str | None = None,
-    on_stage_start: Callable[[Stage], None] | None = None,
-    on_stage_end: Callable[[Stage, StageRecord], None] | None = None,
+    track: Callable[
+        [Stage, str], contextlib.AbstractContextManager[Any]
+    ] = _no_tracking,
+    on_stage_end: Callable[[Stage, StageRecord, Any], None] | None = None,
 ) -> list[StageRecord]:
     """Runs `stages` in order, skipping those whose manifest is up to date.
 
     Args:
         stages: the stages of this run, in order.
         config: the run config; `config.run.work_dir` holds the manifests.
-        force: run every stage (and let stages rebuild their outputs).
-        from_stage: run this stage and everything after it even if up to date.
-        on_stage_start, on_stage_end: hooks (e.g. MLflow child runs).
+        force: run every stage from scratch (and let stages rebuild their
+            outputs).
+        from_stage: run this stage and everything after it even if up to
+            date.
+        track: `track(stage, "ran" | "skipped")` returns a context manager
+            around the stage that yields its logger (an MLflow child run),
+            given to the stage as `context.tracking`; it sees the stage's
+            exception if the stage fails.
+        on_stage_end: `on_stage_end(stage, record, logger)`, inside the
+            `track` context of a stage that ran or was skipped.
 
     Returns:
         One record per stage, in order.
 
     Raises:
-        StageFailed: a stage failed; earlier stages' manifests are kept.
+        StageFailed: a stage failed (its `records` attribute holds the
+            records so far, the failed one last); earlier stages' manifests
+            are kept. A KeyboardInterrupt or SystemExit (a signal) passes
+            through with the stage's manifest marked failed.
         ValueError: `from_stage` names no stage.
     """
     names = [s.name for s in stages]
@@ -227,7 +264,7 @@ def run_stages(
             and previous.get("status") == "succeeded"
             and previous.get("config_hash") == config_hash
             and previous.get("inputs") == inputs
-            and previous.get("code_version") == version
+            and previous.get("package_version") == __version__
             and stage.outputs_exist(previous.get("outputs", {}))
         )
         if up_to_date:
@@ -237,14 +274,28 @@ def run_stages(
             )
             context.results[stage.name] = previous["outputs"]
             records.append(record)
+            with track(stage, "skipped") as logger:
+                if on_stage_end:
+                    on_stage_end(stage, record, logger)
             continue
         # Everything after a stage that runs sees new inputs (a stage that
         # always runs changes them only if its fingerprint changes).
         if not stage.always_run:
             rerun = True
-        if on_stage_start:
-            on_stage_start(stage)
-        log.info("stage %s: running", stage.name)
+        context.resume = (
+            not force
+            and previous is not None
+            and previous.get("status") in ("failed", "running")
+            and previous.get("config_hash") == config_hash
+            and previous.get("inputs") == inputs
+        )
+        log.info(
+            "stage %s: %s",
+            stage.name,
+            "resuming the failed or killed attempt"
+            if context.resume
+            else "running",
+        )
         started = time.time()
         manifest = {
             "stage": stage.name,
@@ -254,12 +305,31 @@ def run_stages(
                 k: v.get("fingerprint") for k, v in context.results.items()
             },
             "code_version": version,
+            "package_version": __version__,
             "started": dt.datetime.now().isoformat(timespec="seconds"),
+            "resumed": context.resume,
         }
+        # Marked running until it ends: a killed run leaves this behind,
+        # and the next run resumes the stage.
+        _write_json(
+            manifest_path, {**manifest, "status": "running", "pid": os.getpid()}
+        )
         try:
-            outputs = stage.run(context)
+            with track(stage, "ran") as logger:
+                context.tracking = logger
+                outputs = stage.run(context)
+                if "fingerprint" not in outputs:
+                    raise AssertionError(
+                        f"stage {stage.name} returned no fingerprint"
+                    )
+                seconds = time.time() - started
+                status = "skipped" if outputs.get("skipped") else "ran"
+                record = StageRecord(stage.name, status, seconds, outputs)
+                if on_stage_end:
+                    on_stage_end(stage, record, logger)
         except BaseException as err:
             seconds = time.time() - started
+            interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
             _write_json(
                 manifest_path,
                 {
@@ -269,20 +339,27 @@ def run_stages(
                     "error": repr(err),
                 },
             )
-            record = StageRecord(
-                stage.name, "failed", seconds, {"error": str(err)}
+            records.append(
+                StageRecord(
+                    stage.name,
+                    "interrupted" if interrupted else "failed",
+                    seconds,
+                    {"error": str(err) or type(err).__name__},
+                )
             )
-            records.append(record)
-            if on_stage_end:
-                on_stage_end(stage, record)
-            if isinstance(err, StageFailed):
+            if interrupted:
                 raise
-            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            failure = (
+                err
+                if isinstance(err, StageFailed)
+                else StageFailed(f"stage {stage.name} failed: {err}")
+            )
+            failure.records = records
+            if failure is err:
                 raise
-            raise StageFailed(f"stage {stage.name} failed: {err}") from err
-        seconds = time.time() - started
-        if "fingerprint" not in outputs:
-            raise AssertionError(f"stage {stage.name} returned no fingerprint")
+            raise failure from err
+        finally:
+            context.tracking = None
         _write_json(
             manifest_path,
             {
@@ -292,12 +369,8 @@ def run_stages(
                 "outputs": outputs,
             },
         )
-        status = "skipped" if outputs.get("skipped") else "ran"
-        record = StageRecord(stage.name, status, seconds, outputs)
         context.results[stage.name] = outputs
         records.append(record)
-        if on_stage_end:
-            on_stage_end(stage, record)
         log.info("stage %s: %s in %.1f s", stage.name, status, seconds)
     return records
 

@@ -174,6 +174,29 @@ def report_tables(
                 ]
             )
     tables.append(("Counts", ["what", "count"], counts))
+    baseline = report.get("baseline")
+    if baseline:
+        tables.insert(
+            1,
+            (
+                "Trained vs untrained (same network, initial weights)",
+                ["metric", "trained", "untrained", "gain (points)"],
+                [
+                    [
+                        "mIoU",
+                        format_score(parsing["mean_iou"] if parsing else None),
+                        format_score(baseline.get("miou")),
+                        format_score(baseline.get("miou_gain")),
+                    ],
+                    [
+                        "PCKh",
+                        format_score(pose["average"] if pose else None),
+                        format_score(baseline.get("pckh")),
+                        format_score(baseline.get("pckh_gain")),
+                    ],
+                ],
+            ),
+        )
     return tables
 
 

@@ -128,6 +128,7 @@ class Context:
     init_report: str | None = None
     agree: Any = None
     float32_model: keras.Model | None = None
+    final_evaluation: bool = True
 
 
 def validation_dataset(records_dir: str, config: RunConfig) -> tf.data.Dataset:

@@ -204,22 +204,26 @@ def result(
 
 
 def finish(context, status: str, metrics: dict[str, Any], checkpoint):
-    """`final.keras`, the final evaluation, the artifacts and the result of
-    a run that completed or stopped at `max_steps`."""
+    """`final.keras`, the final evaluation (unless the run was started
+    without one), the artifacts and the result of a run that completed or
+    stopped at `max_steps`."""
     out = context.out_dir
     model = float32_model(context)
     if context.chief:
         save_model(model, out / FINAL)
         log.info("saved %s", out / FINAL)
-    report_path, scores = _final_evaluation(context)
+    report_path, scores = None, {}
+    if context.final_evaluation:
+        report_path, scores = _final_evaluation(context)
     metrics = {**metrics, **{f"final/{k}": v for k, v in scores.items()}}
     value = result(context, status, metrics, checkpoint, report=report_path)
     if context.chief:
         logger = context.logger
-        logger.log_metrics(
-            {f"final/{k}": v for k, v in scores.items()},
-            step=value.global_step,
-        )
+        if scores:
+            logger.log_metrics(
+                {f"final/{k}": v for k, v in scores.items()},
+                step=value.global_step,
+            )
         for name in (BEST, BEST_JSON, FINAL, "report.json", "report.md"):
             if (out / name).exists():
                 logger.log_artifact(out / name)
@@ -231,17 +235,23 @@ def finish(context, status: str, metrics: dict[str, Any], checkpoint):
     return value
 
 
-def _final_evaluation(context) -> tuple[str | None, dict[str, float]]:
-    """Evaluates the best model (else the final one) with the final
-    protocol; writes the report files on the chief."""
-    from nppnet_tf.evaluation.evaluate import run_evaluation
-    from nppnet_tf.evaluation.model_overlays import write_model_overlays
-    from nppnet_tf.evaluation.overlay import panel_ids
-    from nppnet_tf.evaluation.prediction_files import json_ready
-    from nppnet_tf.evaluation.report import write_report_files
+def model_to_evaluate(out_dir: str | Path) -> Path:
+    """`best.keras` of a training output directory, else `final.keras`.
 
-    config, out = context.config, context.out_dir
-    train = config.train
+    Raises:
+        FileNotFoundError: neither exists.
+    """
+    out_dir = Path(out_dir)
+    for name in (BEST, FINAL):
+        if (out_dir / name).exists():
+            if name == FINAL:
+                log.warning("no validated epoch: evaluating %s", FINAL)
+            return out_dir / name
+    raise FileNotFoundError(f"{out_dir} holds neither {BEST} nor {FINAL}")
+
+
+def _final_evaluation(context) -> tuple[str | None, dict[str, float]]:
+    """The final evaluation of a finished training, in its directory."""
     strategy = context.strategy
     if distribute.is_multi_worker(strategy):
         # The chief alone, undistributed: the other workers may not see
@@ -250,29 +260,88 @@ def _final_evaluation(context) -> tuple[str | None, dict[str, float]]:
         if not context.chief:
             return None, {}
         strategy = tf.distribute.get_strategy()
-    path = out / BEST if (out / BEST).exists() else out / FINAL
-    if path.name == FINAL:
-        log.warning("no validated epoch yet: evaluating %s", path)
-    with strategy.scope():
-        model = keras.saving.load_model(path, compile=False)
-    evaluation = run_evaluation(
-        model,
-        context.records_dir,
-        "val",
-        config.data,
-        protocol=train.final_protocol,
-        scales=train.final_scales,
-        flip=train.final_flip,
-        batch_size=train.val_batch_size,
-        strategy=strategy,
-        progress=context.chief,
-    )
+    path = model_to_evaluate(context.out_dir)
     best = context.best.summary()
+    return evaluate_trained_model(
+        context.config,
+        context.records_dir,
+        path,
+        context.out_dir,
+        context.genotype,
+        strategy=strategy,
+        chief=context.chief,
+        best_epoch=best["epoch"] if path.name == BEST else None,
+        builder=context.builder,
+    )
+
+
+def evaluate_trained_model(
+    config,
+    records_dir: str | Path,
+    model_path: str | Path,
+    out_dir: str | Path,
+    genotype,
+    strategy: tf.distribute.Strategy | None = None,
+    chief: bool = True,
+    best_epoch: int | None = None,
+    builder=None,
+) -> tuple[str | None, dict[str, float]]:
+    """Evaluates a trained `.keras` model on the val split by the final
+    protocol (`train.final_protocol`, `final_scales`, `final_flip`) and, with
+    `train.final_baseline`, the untrained network of the same genotype too.
+
+    Writes (on the chief) `report.json`, `report.md`, `report.html` and
+    `overlays/` under `out_dir`. The report's `baseline` holds the untrained
+    network's mIoU and PCKh and the trained model's gain over it.
+
+    Args:
+        config: the run config (`train`, `data`).
+        records_dir: the preprocessing output (its `val` split).
+        model_path: the `.keras` model.
+        out_dir: where the report files go.
+        genotype: the `Genotype` the model was built from.
+        strategy: evaluation strategy; None: the default one.
+        chief: write the files (only the chief does).
+        best_epoch: the epoch `model_path` was saved at, for the report.
+        builder: `(config, genotype) -> model` of the untrained baseline;
+            None: `train.network` or NPPNet.
+
+    Returns:
+        `(report path or None, {"miou", "pckh"[, "baseline_miou",
+        "baseline_pckh"]})`, scores in percent.
+    """
+    from nppnet_tf.evaluation.evaluate import run_evaluation
+    from nppnet_tf.evaluation.model_overlays import write_model_overlays
+    from nppnet_tf.evaluation.overlay import panel_ids
+    from nppnet_tf.evaluation.prediction_files import json_ready
+    from nppnet_tf.evaluation.report import write_report_files
+
+    train = config.train
+    out_dir, model_path = Path(out_dir), Path(model_path)
+    strategy = strategy or tf.distribute.get_strategy()
+
+    def evaluate(model):
+        return run_evaluation(
+            model,
+            str(records_dir),
+            "val",
+            config.data,
+            protocol=train.final_protocol,
+            scales=train.final_scales,
+            flip=train.final_flip,
+            batch_size=train.val_batch_size,
+            strategy=strategy,
+            progress=chief,
+        )
+
+    with strategy.scope():
+        model = keras.saving.load_model(model_path, compile=False)
+    evaluation = evaluate(model)
     report = json_ready(
         {
-            "model": str(path),
-            "best_epoch": best["epoch"] if path.name == BEST else None,
-            "genotype_fingerprint": context.genotype.fingerprint(),
+            "model": str(model_path),
+            "best_epoch": best_epoch,
+            "genotype_fingerprint": genotype.fingerprint(),
             **evaluation.report,
         }
     )
@@ -280,27 +349,69 @@ def _final_evaluation(context) -> tuple[str | None, dict[str, float]]:
         "miou": report["parsing"]["mean_iou"],
         "pckh": report["pose"]["average"],
     }
-    if not context.chief:
+    if train.final_baseline:
+        scores.update(
+            _baseline_scores(config, genotype, strategy, evaluate, builder)
+        )
+        report["baseline"] = {
+            "what": "the untrained network (same genotype, size and seed, "
+            "initial weights), same protocol",
+            "miou": scores["baseline_miou"],
+            "pckh": scores["baseline_pckh"],
+            "miou_gain": _gain(scores["miou"], scores["baseline_miou"]),
+            "pckh_gain": _gain(scores["pckh"], scores["baseline_pckh"]),
+        }
+    if not chief:
         return None, scores
-    report_path = out / "report.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     overlays = write_model_overlays(
         model,
-        context.records_dir,
+        str(records_dir),
         "val",
         panel_ids(evaluation.image_ids, train.overlays),
-        out / "overlays",
+        out_dir / "overlays",
         config.data.image_size,
         scales=train.final_scales,
         flip=train.final_flip,
     )
-    write_report_files(report, out, overlays)
+    write_report_files(report, out_dir, overlays)
     log.info(
         "final evaluation of %s (%s protocol): mIoU %s, PCKh %s -> %s",
-        path.name,
+        model_path.name,
         train.final_protocol,
         scores["miou"],
         scores["pckh"],
         report_path,
     )
+    if train.final_baseline:
+        log.info(
+            "untrained baseline: mIoU %s, PCKh %s",
+            scores["baseline_miou"],
+            scores["baseline_pckh"],
+        )
     return str(report_path), {k: v for k, v in scores.items() if v is not None}
+
+
+def _gain(trained: float | None, untrained: float | None) -> float | None:
+    if trained is None or untrained is None:
+        return None
+    return trained - untrained
+
+
+def _baseline_scores(config, genotype, strategy, evaluate, builder):
+    """mIoU and PCKh of the untrained network (seeded as the training)."""
+    if builder is None:
+        from nppnet_tf.training.train import _builder
+
+        builder = _builder(config.train.network)
+    keras.utils.set_random_seed(config.train.seed)
+    with strategy.scope():
+        untrained = builder(config, genotype)
+    log.info("evaluating the untrained network (baseline)")
+    result = evaluate(untrained)
+    return {
+        "baseline_miou": result.report["parsing"]["mean_iou"],
+        "baseline_pckh": result.report["pose"]["average"],
+    }

@@ -80,6 +80,7 @@ def run_training(
     resume: bool = False,
     logger: Logger | None = None,
     strategy: tf.distribute.Strategy | None = None,
+    final_evaluation: bool = True,
 ) -> TrainResult:
     """Runs (or resumes) the final training; see the module docstring.
 
@@ -97,6 +98,8 @@ def run_training(
             TensorBoard and `metrics.jsonl` are always written.
         strategy: a `tf.distribute` strategy; None creates one from
             `config.distribute`.
+        final_evaluation: end with the final evaluation (the pipeline's
+            evaluate stage does it instead: `outputs.evaluate_trained_model`).
 
     Returns:
         A `TrainResult`.
@@ -224,6 +227,7 @@ def run_training(
         steps_per_epoch=steps_per_epoch,
         stop=checkpointing.GracefulStop(),
         init_report=init_report,
+        final_evaluation=final_evaluation,
     )
     if distribute.is_multi_worker(strategy):
         context.agree = loop.stop_agreement(strategy)

@@ -149,10 +149,15 @@ def test_registration_logs_tags_and_candidate_alias(tmp_path, artifacts, store):
     fingerprint = tf.saved_model.experimental.read_fingerprint(
         str(artifacts["saved_models"][0])
     )
+    assert version.tags["saved_model_fingerprint"].startswith(
+        fingerprint.singleprint() + "+serving:"
+    )
     assert version.tags == {
         "genotype_sha256": Genotype.load(GENOTYPE).fingerprint(),
         "data_fingerprint": "0123abcd",
-        "saved_model_fingerprint": fingerprint.singleprint(),
+        "saved_model_fingerprint": read_saved_model_fingerprint(
+            artifacts["saved_models"][0]
+        ).singleprint,
         "saved_model_checksum": str(fingerprint.saved_model_checksum),
         "val_miou": "40.5",
         "val_pckh": "61.25",
