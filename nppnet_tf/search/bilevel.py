@@ -150,6 +150,13 @@ class BilevelSearch:
                 f"{type(model).__name__} has no architecture parameters "
                 "(a derived network?); the search needs a supernet"
             )
+        if config.shared_gradients and self.strategy.num_replicas_in_sync > 1:
+            raise ValueError(
+                "search.shared_gradients needs one replica, not "
+                f"{self.strategy.num_replicas_in_sync}: its shared traced "
+                "function cannot hold cross-replica synchronisation "
+                "(synchronised BatchNorm); turn it off for several devices"
+            )
         self.network_variables = list(model.network_variables())
         if lambda_variables is None:
             lambda_variables = loss.uncertainty.trainable_variables
@@ -247,9 +254,22 @@ class BilevelSearch:
             self._functions["gradients"] = function
         return self._functions["gradients"]
 
+    def _supernet(self, images):
+        """The supernet in training mode. With `search.shared_gradients`
+        one traced function that every step calls: its forward graph and
+        the gradient graph TensorFlow derives from it are built once for
+        the weight and the architecture step, instead of once per step."""
+        if not self.config.shared_gradients:
+            return self.model(images, training=True)
+        if "shared" not in self._functions:
+            self._functions["shared"] = tf.function(
+                lambda x: self.model(x, training=True)
+            )
+        return self._functions["shared"](images)
+
     def _gradients(self, images, targets, variables, entropy_weight):
         with tf.GradientTape() as tape:
-            outputs = self.model(images, training=True)
+            outputs = self._supernet(images)
             total, components = self.loss(targets, outputs)
             objective = total
             terms = dict(components)

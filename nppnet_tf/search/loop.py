@@ -150,7 +150,11 @@ def build_supernet(
     from nppnet_tf.models.interaction_supernet import InteractionSupernet
 
     search = config.search
-    sync = config.distribute.sync_batchnorm
+    # Synchronising over one replica changes nothing but costs a
+    # cross-replica call per BatchNorm (and rules out
+    # `search.shared_gradients`, whose nested function cannot hold one).
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    sync = config.distribute.sync_batchnorm and replicas > 1
     if stage == "encoder-decoder":
         model = EncoderDecoderSupernet(
             init_channels=search.init_channels,

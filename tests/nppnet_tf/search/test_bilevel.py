@@ -424,3 +424,50 @@ def test_requires_a_built_supernet_with_architecture(make_mirrored_strategy):
     _, _, bilevel = _setup(strategy, order="second")
     with pytest.raises(ValueError, match="weight batch"):
         bilevel.architecture_step(next(_distributed(strategy, [_batch(1)])))
+
+
+def test_shared_gradients_give_the_same_search(make_mirrored_strategy):
+    """`search.shared_gradients`: the same updates and metrics as separate
+    weight and architecture gradients, and the forward and backward graph
+    traced once for both steps (one replica: BatchNorm not synchronised)."""
+    batches = [(_batch(30 + i), _batch(40 + i)) for i in range(2)]
+    results = {}
+    for shared in (False, True):
+        strategy = make_mirrored_strategy(ONE_DEVICE)
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            model = build_toy(batchnorm=True, sync_batchnorm=False)
+            loss = NPPNetLoss(LossConfig(ohem_min_kept=500))
+            bilevel = BilevelSearch(
+                model, loss, SearchConfig(shared_gradients=shared), strategy
+            )
+        weights = _distributed(strategy, [w for w, _ in batches])
+        architecture = _distributed(strategy, [a for _, a in batches])
+        bilevel.weight_step(next(weights))
+        metrics = bilevel.iteration(next(weights), next(architecture), 2.0)
+        results[shared] = (
+            _values(bilevel.architecture_variables + bilevel.network_variables),
+            {k: float(v) for k, v in metrics.items()},
+        )
+        if shared:
+            function = bilevel._functions["shared"]
+            assert function.experimental_get_tracing_count() == 1
+        else:
+            assert "shared" not in bilevel._functions
+    (separate, separate_metrics), (together, together_metrics) = (
+        results[False],
+        results[True],
+    )
+    assert separate_metrics.keys() == together_metrics.keys()
+    for key in separate_metrics:
+        assert together_metrics[key] == pytest.approx(
+            separate_metrics[key], rel=1e-5, abs=1e-6
+        ), key
+    for a, b in zip(separate, together):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_gradients_refuse_several_replicas(make_mirrored_strategy):
+    strategy = make_mirrored_strategy(TWO_DEVICES)
+    with pytest.raises(ValueError, match="shared_gradients needs one replica"):
+        _setup(strategy, shared_gradients=True)
