@@ -19,7 +19,7 @@ def test_paper_settings_in_lip_yaml():
     config = load_config(REPO / "configs" / "lip.yaml")
     assert config.data.image_size == 384
     assert config.data.sigma == 7.0 and config.data.aux_sigma == 14.0
-    assert config.loss.ohem_min_kept == 131072
+    assert config.loss.ohem_min_kept == 4 * 131072  # per GPU x 4 GPUs
 
 
 def write(tmp_path, text):
