@@ -70,7 +70,9 @@ def resize_bilinear_align_corners(
 
     The corner pixels of input and output coincide: output row `o` samples
     input row `o * (in - 1) / (out - 1)` (row 0 when `out == 1`), the same for
-    columns. `tf.image.resize` only has half-pixel centres, hence the v1 op.
+    columns. `tf.image.resize` only has half-pixel centres, hence the raw op
+    (the one `tf.compat.v1.image.resize_bilinear` calls, without its
+    deprecation warning).
 
     Args:
         images: `(batch, height, width, channels)` float tensor.
@@ -80,8 +82,11 @@ def resize_bilinear_align_corners(
         `(batch, out_height, out_width, channels)` float32 tensor.
     """
     images = tf.cast(images, tf.float32)
-    return tf.compat.v1.image.resize_bilinear(
-        images, size, align_corners=True, half_pixel_centers=False
+    return tf.raw_ops.ResizeBilinear(
+        images=images,
+        size=tf.cast(size, tf.int32),
+        align_corners=True,
+        half_pixel_centers=False,
     )
 
 
