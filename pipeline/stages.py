@@ -515,13 +515,15 @@ def stage_keys() -> dict[str, tuple[str, ...]]:
         "synth": ("synth",),
         "preprocess": ("data",),
         "validate": ("validate",),
-        "search-encoder-decoder": _keys("search", SearchConfig, ("epochs",))
+        "search-encoder-decoder": _keys(
+            "search", SearchConfig, ("epochs", "shared_gradients")
+        )
         + ("augment", "loss")
         + distribute,
         "search-interaction": _keys(
             "search",
             SearchConfig,
-            ("encoder_decoder_epochs", "partial_channels"),
+            ("encoder_decoder_epochs", "partial_channels", "shared_gradients"),
         )
         + ("augment", "loss")
         + distribute,
