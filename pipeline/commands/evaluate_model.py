@@ -157,24 +157,16 @@ def _check_args(args) -> Path:
 
 
 def load_model(path: Path):
-    """`keras.saving.load_model`, after importing the modules whose classes
-    register themselves as serialisable (`nppnet_tf.models.*`).
+    """The `.keras` model (`nppnet_tf.export.load_keras_model`: NPPNet's
+    classes registered first).
 
     Raises:
         ValueError: Keras cannot rebuild the model (names the file).
     """
-    import importlib
-    import pkgutil
+    from nppnet_tf.export import load_keras_model
 
-    import keras
-
-    import nppnet_tf.models
-
-    for module in pkgutil.iter_modules(nppnet_tf.models.__path__):
-        importlib.import_module(f"nppnet_tf.models.{module.name}")
-    log.info("loading %s", path)
     try:
-        return keras.saving.load_model(path)
+        return load_keras_model(path)
     except (ValueError, TypeError, OSError) as err:
         # Keras reports unknown classes and unrestorable weights this way.
         raise ValueError(f"could not load model {path}: {err}") from err
