@@ -149,9 +149,8 @@ def test_registration_logs_tags_and_candidate_alias(tmp_path, artifacts, store):
     fingerprint = tf.saved_model.experimental.read_fingerprint(
         str(artifacts["saved_models"][0])
     )
-    assert version.tags["saved_model_fingerprint"].startswith(
-        fingerprint.singleprint() + "+serving:"
-    )
+    # A plain SavedModel (no export metadata): TensorFlow's singleprint.
+    assert version.tags["saved_model_fingerprint"] == fingerprint.singleprint()
     assert version.tags == {
         "genotype_sha256": Genotype.load(GENOTYPE).fingerprint(),
         "data_fingerprint": "0123abcd",
@@ -613,3 +612,24 @@ def test_tiny_nppnet_round_trip(tmp_path, artifacts, store):
     actual = loaded(images, training=False)
     for key in ("parsing", "pose"):
         np.testing.assert_allclose(actual[key], expected[key], atol=1e-6)
+
+
+def test_the_fingerprint_covers_the_serving_options(tmp_path, artifacts):
+    """TensorFlow's singleprint ignores the code inside the signature
+    functions (a flip-on and a flip-off export of one model share it): the
+    export metadata's image size and flip flag are folded in."""
+    import shutil
+
+    plain = read_saved_model_fingerprint(artifacts["saved_models"][0])
+    fingerprints = []
+    for flip in (True, False, True):
+        copy = tmp_path / f"export_{len(fingerprints)}"
+        shutil.copytree(artifacts["saved_models"][0], copy)
+        (copy / "assets.extra").mkdir(exist_ok=True)
+        (copy / "assets.extra" / "export_metadata.json").write_text(
+            json.dumps({"image_size": 64, "flip": flip, "version": 7})
+        )
+        fingerprints.append(read_saved_model_fingerprint(copy).singleprint)
+    assert fingerprints[0].startswith(plain.singleprint + "+serving:")
+    assert fingerprints[0] != fingerprints[1]  # flip differs
+    assert fingerprints[0] == fingerprints[2]  # other metadata ignored
