@@ -723,9 +723,11 @@ class DistributeConfig:
             true or false forces the choice.
         graph_optimizations: run TensorFlow's graph optimiser (Grappler)
             on traced functions. Off, the first call of a step of a big
-            traced graph (a supernet) starts minutes sooner on a CPU at
-            about the same step time (docs/benchmarks.md); the demo turns
-            it off.
+            traced graph (a supernet) starts minutes sooner on a CPU, but
+            every later step is slower and the peak memory higher (tiny
+            search supernet: first iteration 0.74x, later iterations 1.28x,
+            peak 1.42x; docs/benchmarks.md): worth it for a short run such
+            as the demo, not for the paper's.
     """
 
     devices: int | tuple[str, ...] | None = None

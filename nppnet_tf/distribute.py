@@ -99,20 +99,23 @@ def split_cpu(count: int) -> list[str]:
             CPU devices than `count` (split before any TensorFlow op).
     """
     cpus = tf.config.list_physical_devices("CPU")
-    logical = tf.config.list_logical_devices("CPU")
-    if len(logical) >= count:
-        return [device.name for device in logical[:count]]
-    try:
-        tf.config.set_logical_device_configuration(
-            cpus[0],
-            [tf.config.LogicalDeviceConfiguration() for _ in range(count)],
-        )
-    except RuntimeError as err:
-        raise RuntimeError(
-            f"cannot split the CPU into {count} logical devices: TensorFlow "
-            f"already initialised {len(logical)} ({err}); create the "
-            "strategy before any other TensorFlow work"
-        ) from None
+    configured = tf.config.get_logical_device_configuration(cpus[0])
+    if configured is None or len(configured) < count:
+        # Before listing logical devices: listing them initialises
+        # TensorFlow's devices, after which they can no longer be split.
+        try:
+            tf.config.set_logical_device_configuration(
+                cpus[0],
+                [tf.config.LogicalDeviceConfiguration() for _ in range(count)],
+            )
+        except RuntimeError as err:
+            logical = tf.config.list_logical_devices("CPU")
+            if len(logical) < count:
+                raise RuntimeError(
+                    f"cannot split the CPU into {count} logical devices: "
+                    f"TensorFlow already initialised {len(logical)} ({err}); "
+                    "create the strategy before any other TensorFlow work"
+                ) from None
     logical = tf.config.list_logical_devices("CPU")
     return [device.name for device in logical[:count]]
 
@@ -131,7 +134,12 @@ def resolve_devices(devices: int | Sequence[str] | None) -> list[str]:
         ValueError: a count larger than the GPUs of a GPU host, or a named
             device that does not exist.
     """
-    gpus = tf.config.list_logical_devices("GPU")
+    # Physical, not logical: listing logical devices initialises them, and
+    # the CPU could then no longer be split (`split_cpu`).
+    if tf.config.list_physical_devices("GPU"):
+        gpus = tf.config.list_logical_devices("GPU")
+    else:
+        gpus = []
     if devices is None:
         if gpus:
             return [device.name for device in gpus]

@@ -193,3 +193,26 @@ def test_two_workers_on_loopback_end_with_identical_architectures(
     assert tf.train.latest_checkpoint(str(out / "checkpoints")).endswith(
         "ckpt-8"
     )
+
+
+def test_a_fresh_process_splits_the_cpu_for_two_replicas():
+    """`distribute.devices: 2` on a CPU-only host, in a new process (the
+    test process split its CPU already, in conftest): the split must come
+    before anything lists logical devices."""
+    code = (
+        "from nppnet_tf.config import DistributeConfig\n"
+        "from nppnet_tf.distribute import create_strategy\n"
+        "s = create_strategy(DistributeConfig(devices=2))\n"
+        "print('replicas', s.num_replicas_in_sync)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "replicas 2" in result.stdout
