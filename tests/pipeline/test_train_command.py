@@ -266,6 +266,8 @@ def test_demo_config_trains_the_real_tiny_nppnet(records, tmp_path):
             "--set",
             "train.epochs=2",
             "--set",
+            "train.eval_every_epochs=1",
+            "--set",
             "train.val_examples=4",
             "--set",
             "train.overlays=3",
