@@ -21,7 +21,6 @@ docs/pipeline.md.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -208,22 +207,8 @@ def _fresh_dir(path: Path, context: StageContext) -> Path:
     return path
 
 
-def _log_stage_config(context: StageContext, keys: Mapping[str, Any]) -> None:
-    logger = context.tracking
-    if logger is not None:
-        logger.log_dict(keys, "stage_config.json")
-
-
 def _records(context: StageContext) -> str:
     return context.results["preprocess"]["records"]
-
-
-def _file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def authors_genotype(context: StageContext) -> Path:
@@ -285,6 +270,7 @@ def search_interaction(context: StageContext) -> dict[str, Any]:
 
 def train(context: StageContext) -> dict[str, Any]:
     """Final training of the searched genotype (or `train.genotype`)."""
+    from nppnet_tf.export import file_sha256
     from nppnet_tf.search.genotype import Genotype
     from nppnet_tf.training.outputs import model_to_evaluate
     from nppnet_tf.training.train import run_training
@@ -323,7 +309,7 @@ def train(context: StageContext) -> dict[str, Any]:
         "best_epoch": best.get("epoch") if model.name == "best.keras" else None,
         "epochs": result.epochs_completed,
         "steps": result.global_step,
-        "fingerprint": _file_sha256(model)[:16],
+        "fingerprint": file_sha256(model)[:16],
     }
 
 

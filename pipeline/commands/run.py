@@ -193,7 +193,7 @@ class PipelineRun:
     @contextlib.contextmanager
     def _track(self, stage, status: str):
         """The MLflow child run of one stage."""
-        from pipeline.runner import git_revision
+        from pipeline.runner import config_value, git_revision
 
         tags = {
             "nppnet.stage": stage.name,
@@ -252,12 +252,6 @@ def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
-
-
-def config_value(config, key):
-    from pipeline.runner import config_value as value
-
-    return value(config, key)
 
 
 def _records_json(records) -> dict:
