@@ -518,12 +518,17 @@ class SearchConfig:
             needed for a resumed search to match an uninterrupted one bit
             for bit.
         jit_compile: compile the steps with XLA.
-        shared_gradients: the weight and the architecture step call the
-            supernet through one traced function, so its forward graph and
-            the gradient graph derived from it are built once instead of
-            once per step (minutes less start-up on a CPU). Same updates as
-            without; one replica only (the nested function cannot hold
-            cross-replica synchronisation). Off by default; on in the demo.
+        shared_gradients: the weight and the (first-order) architecture
+            step are one traced function: one forward and backward pass
+            giving every gradient, then a `tf.cond` applying the weight or
+            the architecture update. One graph to trace and optimise
+            instead of two (the full-size interaction supernet's first
+            iteration 152 s instead of 195 s on 2 cores), at the price of
+            the network's weight gradients in the architecture step too
+            (iterations about 9% longer) and more resident memory with
+            glibc's allocator (docs/benchmarks.md). Same updates as
+            without, on any number of replicas. Off by default; on in the
+            demo, whose searches are short.
         supernet: `module:function` of a model builder `(stage, config,
             base_genotype) -> built Keras model` searched instead of the
             NPPNet supernets (small test models, experiments); null: the

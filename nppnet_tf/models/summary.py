@@ -85,12 +85,16 @@ def parameter_counts(model: keras.Model) -> dict:
         part["non_trainable"] += _count(layer.non_trainable_weights)
     architecture = _count(model.architecture_variables())
     trainable = _count(model.trainable_weights)
+    unused = unused_batchnorm_parameters(model)
     return {
         "trainable_parameters": trainable,
         "network_parameters": trainable - architecture,
         "architecture_parameters": architecture,
         "non_trainable_parameters": _count(model.non_trainable_weights),
-        "unused_se_batchnorm_parameters": unused_batchnorm_parameters(model),
+        "unused_se_batchnorm_parameters": unused,
+        # The authors' own count (their modules own the unused BN).
+        "authors_network_parameters": trainable - architecture + unused,
+        "authors_trainable_parameters": trainable + unused,
         "parts": parts,
     }
 

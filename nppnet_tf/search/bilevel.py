@@ -97,6 +97,30 @@ def entropy_loss(alphas: Sequence, num_tensors: int) -> tf.Tensor:
     return ENTROPY_FACTOR * total / float(num_tensors)
 
 
+def _step_metrics(terms: dict, step: str) -> dict[str, tf.Tensor]:
+    """A shared step's terms as the metrics of the weight step (the loss
+    terms, `objective` = `L`) or of the architecture step (the loss terms,
+    `entropy`, `objective` = the architecture loss)."""
+    metrics = {
+        f"{step}/{key}": value
+        for key, value in terms.items()
+        if key not in ("entropy", "architecture_objective", "objective")
+    }
+    if step == "weight":
+        metrics["weight/objective"] = terms["objective"]
+    else:
+        metrics["architecture/entropy"] = terms["entropy"]
+        metrics["architecture/objective"] = terms["architecture_objective"]
+    return metrics
+
+
+def _unmask(present: list, mask: list[bool]) -> list:
+    """`present` gradients back in variable order, None where `mask` is
+    False."""
+    present = list(present)
+    return [present.pop(0) if has else None for has in mask]
+
+
 def _keep_gradients(gradients, variables):
     """(gradients, variables) without the variables that got no gradient."""
     pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
@@ -149,13 +173,6 @@ class BilevelSearch:
             raise ValueError(
                 f"{type(model).__name__} has no architecture parameters "
                 "(a derived network?); the search needs a supernet"
-            )
-        if config.shared_gradients and self.strategy.num_replicas_in_sync > 1:
-            raise ValueError(
-                "search.shared_gradients needs one replica, not "
-                f"{self.strategy.num_replicas_in_sync}: its shared traced "
-                "function cannot hold cross-replica synchronisation "
-                "(synchronised BatchNorm); turn it off for several devices"
             )
         self.network_variables = list(model.network_variables())
         if lambda_variables is None:
@@ -224,6 +241,8 @@ class BilevelSearch:
             signature = None
             if self._batch_spec is not None:
                 signature = [self._batch_spec] * num_batches
+                if name == "shared":
+                    signature.append(tf.TensorSpec([], tf.bool))
                 if name != "weight":
                     signature.append(tf.TensorSpec([], tf.float32))
             self._functions[name] = tf.function(
@@ -254,22 +273,9 @@ class BilevelSearch:
             self._functions["gradients"] = function
         return self._functions["gradients"]
 
-    def _supernet(self, images):
-        """The supernet in training mode. With `search.shared_gradients`
-        one traced function that every step calls: its forward graph and
-        the gradient graph TensorFlow derives from it are built once for
-        the weight and the architecture step, instead of once per step."""
-        if not self.config.shared_gradients:
-            return self.model(images, training=True)
-        if "shared" not in self._functions:
-            self._functions["shared"] = tf.function(
-                lambda x: self.model(x, training=True)
-            )
-        return self._functions["shared"](images)
-
     def _gradients(self, images, targets, variables, entropy_weight):
         with tf.GradientTape() as tape:
-            outputs = self._supernet(images)
+            outputs = self.model(images, training=True)
             total, components = self.loss(targets, outputs)
             objective = total
             terms = dict(components)
@@ -305,6 +311,11 @@ class BilevelSearch:
         Returns:
             `weight/<term>` global loss values (`weight/total` is `L`).
         """
+        if self.config.shared_gradients:
+            metrics = self._function("shared", self._shared_step, 1)(
+                batch, tf.constant(False), tf.constant(0.0)
+            )
+            return _step_metrics(metrics, "weight")
         return self._function("weight", self._weight_step, 1)(batch)
 
     def _weight_step(self, batch):
@@ -376,6 +387,11 @@ class BilevelSearch:
                 "second_order", self._second_order_step, 2
             )
             return function(batch, weight_batch, weight)
+        if self.config.shared_gradients:
+            function = self._function("shared", self._shared_step, 1)
+            return _step_metrics(
+                function(batch, tf.constant(True), weight), "architecture"
+            )
         function = self._function("architecture", self._architecture_step, 1)
         return function(batch, weight)
 
@@ -393,6 +409,100 @@ class BilevelSearch:
             images, targets, architecture, entropy_weight
         )
         self.architecture_optimizer.apply(gradients, architecture)
+        return terms
+
+    # ------------------------------------------------ shared (one graph)
+
+    def _shared_step(self, batch, architecture_step, entropy_weight):
+        """The weight or the first-order architecture step in one traced
+        function (`search.shared_gradients`): a forward and backward pass
+        giving the gradients of `L` for every variable, then a `tf.cond`
+        that applies the weight and lambda updates or the architecture
+        update. The architecture gradient is
+        `scale * (grad_a L + w_e * grad_a E)`, the gradient of the
+        architecture loss. Returns the global terms, `entropy` and
+        `architecture_objective`."""
+        network, lambdas = self.network_variables, self.lambda_variables
+        architecture = self.architecture_variables
+        variables = network + lambdas + architecture
+        images, targets = batch
+        masks: dict[str, list[bool]] = {}
+
+        def replica(images, targets):
+            terms, gradients = self._forward(images, targets, variables)
+            with tf.GradientTape() as tape:
+                # Identical on every replica: each adds its share.
+                entropy = entropy_loss(
+                    self.alphas, len(architecture)
+                ) / float(self._num_replicas())
+            entropy_gradients = tape.gradient(entropy, architecture)
+            terms["entropy"] = entropy
+            masks["loss"] = [g is not None for g in gradients]
+            masks["entropy"] = [g is not None for g in entropy_gradients]
+            return (
+                terms,
+                [g for g in gradients if g is not None],
+                [g for g in entropy_gradients if g is not None],
+            )
+
+        terms, present, entropy_present = self.strategy.run(
+            replica, args=(images, targets)
+        )
+        terms = {
+            key: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+            for key, v in terms.items()
+        }
+        gradients = _unmask(
+            self.strategy.reduce(tf.distribute.ReduceOp.SUM, present, axis=None),
+            masks["loss"],
+        )
+        entropy_gradients = _unmask(
+            self.strategy.reduce(
+                tf.distribute.ReduceOp.SUM, entropy_present, axis=None
+            ),
+            masks["entropy"],
+        )
+        entropy = terms["entropy"]
+        scale = self.config.arch_loss_scale
+        architecture_gradients = []
+        for loss_gradient, entropy_gradient in zip(
+            gradients[len(network) + len(lambdas) :], entropy_gradients
+        ):
+            parts = [
+                g
+                for g in (
+                    loss_gradient,
+                    None
+                    if entropy_gradient is None
+                    else entropy_weight * entropy_gradient,
+                )
+                if g is not None
+            ]
+            architecture_gradients.append(
+                scale * tf.add_n(parts) if parts else None
+            )
+
+        def update_architecture():
+            pairs = _keep_gradients(architecture_gradients, architecture)
+            self.architecture_optimizer.apply(*pairs)
+            return tf.constant(True)
+
+        def update_weights():
+            self.weight_optimizer.apply(
+                *_keep_gradients(gradients[: len(network)], network)
+            )
+            self.lambda_optimizer.apply(
+                *_keep_gradients(
+                    gradients[len(network) : len(network) + len(lambdas)],
+                    lambdas,
+                )
+            )
+            return tf.constant(False)
+
+        tf.cond(architecture_step, update_architecture, update_weights)
+        terms["architecture_objective"] = scale * (
+            terms["objective"] + entropy_weight * entropy
+        )
         return terms
 
     # -------------------------------------------------------- second order

@@ -151,8 +151,7 @@ def build_supernet(
 
     search = config.search
     # Synchronising over one replica changes nothing but costs a
-    # cross-replica call per BatchNorm (and rules out
-    # `search.shared_gradients`, whose nested function cannot hold one).
+    # cross-replica call per BatchNorm.
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     sync = config.distribute.sync_batchnorm and replicas > 1
     if stage == "encoder-decoder":

@@ -56,7 +56,12 @@ def _replica_context() -> tf.distribute.ReplicaContext:
 def _global_sum(value: tf.Tensor) -> tf.Tensor:
     """Sum of a float32 statistic over all replicas (no gradient)."""
     value = tf.stop_gradient(tf.cast(value, tf.float32))
-    return _replica_context().all_reduce(tf.distribute.ReduceOp.SUM, value)
+    context = _replica_context()
+    if context.num_replicas_in_sync == 1:
+        # No synchronisation point on one replica, so that the loss can run
+        # inside a nested tf.function (`search.shared_gradients`).
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
 def _num_replicas() -> int:
@@ -170,7 +175,12 @@ def ohem_threshold(
     candidates = tf.where(valid, probabilities, float("inf"))
     local_k = tf.minimum(min_kept + 1, tf.size(candidates))
     smallest = -tf.math.top_k(-candidates, k=local_k, sorted=False).values
-    gathered = _replica_context().all_gather(smallest, axis=0)
+    context = _replica_context()
+    gathered = (
+        smallest
+        if context.num_replicas_in_sync == 1
+        else context.all_gather(smallest, axis=0)
+    )
     # The sentinel keeps the gather non-empty when the global batch has no pixel.
     gathered = tf.sort(tf.concat([gathered, [float("inf")]], axis=0))
     num_valid = tf.cast(

@@ -84,6 +84,13 @@ def register(subparsers) -> None:
     )
     add_grappler_argument(parser)
     parser.add_argument(
+        "--shared-gradients",
+        choices=["on", "off", "both"],
+        default="on",
+        help="search.shared_gradients variants (one traced supernet function "
+        "for both steps; one replica only, so 2-replica variants run off)",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=3600.0,
@@ -149,14 +156,27 @@ def _sizes(quick: bool) -> dict:
 
 
 def variants(args: argparse.Namespace) -> list[dict]:
-    """The (XLA, replicas, Grappler) variants the options ask for, Grappler
-    innermost so that the pair compared runs back to back."""
-    return [
-        {"xla": xla, "replicas": replicas, "grappler": grappler}
-        for xla in on_off(args.xla)
-        for replicas in args.replicas
-        for grappler in on_off(args.grappler)
-    ]
+    """The (XLA, replicas, shared gradients, Grappler) variants the options
+    ask for, Grappler innermost so that the pair compared runs back to back.
+    Shared gradients need one replica: several replicas run without."""
+    shared_choices = on_off(getattr(args, "shared_gradients", "off"))
+    found = []
+    for xla in on_off(args.xla):
+        for replicas in args.replicas:
+            shared_values = (
+                shared_choices if replicas == 1 else [False]
+            )
+            for shared in dict.fromkeys(shared_values):
+                for grappler in on_off(args.grappler):
+                    found.append(
+                        {
+                            "xla": xla,
+                            "replicas": replicas,
+                            "shared_gradients": shared,
+                            "grappler": grappler,
+                        }
+                    )
+    return found
 
 
 def run_variant(
@@ -166,6 +186,7 @@ def run_variant(
     iterations: int,
     warmup: int,
     grappler: bool = True,
+    shared_gradients: bool = False,
 ) -> dict:
     """Times one variant in this process (call before any TensorFlow op).
 
@@ -196,7 +217,9 @@ def run_variant(
             Genotype.load(authors_genotype_path()),
             init_channels=sizes["init_channels"],
             num_cells=sizes["layers"],
-            sync_batchnorm=True,
+            # As the search loop: synchronised (unfused) BatchNorm only
+            # when there is something to synchronise.
+            sync_batchnorm=replicas > 1,
         )
         model.build((None, size, size, 3))
         loss = NPPNetLoss(LossConfig())
@@ -208,6 +231,7 @@ def run_variant(
                 layers=sizes["layers"],
                 batch_size=batch,
                 jit_compile=xla,
+                shared_gradients=shared_gradients,
             ),
             strategy,
         )
@@ -248,6 +272,7 @@ def run_variant(
     return {
         "xla": xla,
         "replicas": replicas,
+        "shared_gradients": shared_gradients,
         "grappler": grappler,
         "status": "ok",
         "seconds_per_iteration": round(statistics.median(timed), 3),
@@ -276,9 +301,10 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
         str(args.iterations),
     ]
     log.info(
-        "variant XLA %s, %d replica(s), Grappler %s: %s",
+        "variant XLA %s, %d replica(s), shared gradients %s, Grappler %s: %s",
         "on" if variant["xla"] else "off",
         variant["replicas"],
+        "on" if variant.get("shared_gradients") else "off",
         "on" if variant["grappler"] else "off",
         " ".join(command),
     )
@@ -311,13 +337,14 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
 
 def markdown_table(results: list[dict], ratios: list[dict] = ()) -> str:
     lines = [
-        "| XLA | replicas | Grappler | s / iteration (median) | first iteration s | build s | peak RSS GiB | load average |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| XLA | replicas | shared gradients | Grappler | s / iteration (median) | first iteration s | build s | peak RSS GiB | load average |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         xla = "on" if r["xla"] else "off"
         grappler = "on" if r.get("grappler", True) else "off"
-        head = f"| {xla} | {r['replicas']} | {grappler} |"
+        shared = "on" if r.get("shared_gradients") else "off"
+        head = f"| {xla} | {r['replicas']} | {shared} | {grappler} |"
         if r.get("status") != "ok":
             reason = (r.get("error") or "").strip().splitlines() or [""]
             lines.append(f"{head} {r['status']}: {reason[-1][:80]} | | | | |")
@@ -329,7 +356,7 @@ def markdown_table(results: list[dict], ratios: list[dict] = ()) -> str:
             f"{' '.join(f'{x:.1f}' for x in r['load_average'])} |"
         )
     lines.append(
-        f"| (authors, PyTorch) | 1 | | {AUTHORS_SECONDS_PER_ITERATION:.0f} | "
+        f"| (authors, PyTorch) | 1 | | | {AUTHORS_SECONDS_PER_ITERATION:.0f} | "
         f"| | {AUTHORS_PEAK_GIB} | |"
     )
     if ratios:
@@ -366,12 +393,14 @@ def bench_search(args) -> int:
                 args.iterations,
                 args.warmup,
                 variant.get("grappler", True),
+                variant.get("shared_gradients", False),
             )
         except Exception as err:  # reported as this variant's result
             log.exception("variant failed")
             result = {
                 "xla": variant["xla"],
                 "replicas": variant["replicas"],
+                "shared_gradients": variant.get("shared_gradients", False),
                 "grappler": variant.get("grappler", True),
                 "status": "failed",
                 "error": f"{type(err).__name__}: {err}",
@@ -388,7 +417,7 @@ def bench_search(args) -> int:
         results.append(result)
     ratios = grappler_ratios(
         results,
-        ("xla", "replicas"),
+        ("xla", "replicas", "shared_gradients"),
         "first_iteration_seconds",
         "seconds_per_iteration",
     )
@@ -409,7 +438,7 @@ def bench_search(args) -> int:
             "supernet": "InteractionSupernet (authors' cells)",
             **sizes,
             "iteration": "weight step + architecture step, first order, "
-            "entropy on, sync BatchNorm",
+            "entropy on; BatchNorm synchronised when replicas > 1",
         },
         "timed_iterations": args.iterations,
         "warmup_iterations": args.warmup,

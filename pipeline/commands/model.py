@@ -140,5 +140,8 @@ def format_table(summary: dict) -> str:
         "units)",
         "unused stride-1 se_connect BN parameters in the authors' code "
         f"(omitted here): {summary['unused_se_batchnorm_parameters']:,}",
+        "as the authors count them (unused BN included): network weights "
+        f"{summary['authors_network_parameters']:,}, in all "
+        f"{summary['authors_trainable_parameters']:,}",
     ]
     return "\n".join(lines)

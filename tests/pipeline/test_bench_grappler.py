@@ -14,8 +14,23 @@ def _args(*argv):
 def test_search_runs_grappler_on_by_default():
     args = _args("search", "--xla", "off", "--replicas", "1")
     assert search.variants(args) == [
-        {"xla": False, "replicas": 1, "grappler": True}
+        {
+            "xla": False,
+            "replicas": 1,
+            "shared_gradients": True,
+            "grappler": True,
+        }
     ]
+
+
+def test_search_shares_gradients_only_on_one_replica():
+    args = _args(
+        "search", "--xla", "off", "--replicas", "1", "2",
+        "--shared-gradients", "both",
+    )
+    assert [
+        (v["replicas"], v["shared_gradients"]) for v in search.variants(args)
+    ] == [(1, False), (1, True), (2, False)]
 
 
 def test_search_both_puts_the_pair_back_to_back():
@@ -53,6 +68,7 @@ def _result(grappler, replicas, first, median, status="ok"):
     return {
         "xla": False,
         "replicas": replicas,
+        "shared_gradients": replicas == 1,
         "grappler": grappler,
         "status": status,
         "first_iteration_seconds": first,
@@ -72,7 +88,7 @@ def test_ratios_pair_variants_that_differ_only_in_grappler():
     ]
     ratios = search.grappler_ratios(
         results,
-        ("xla", "replicas"),
+        ("xla", "replicas", "shared_gradients"),
         "first_iteration_seconds",
         "seconds_per_iteration",
     )
@@ -80,10 +96,11 @@ def test_ratios_pair_variants_that_differ_only_in_grappler():
         {
             "xla": False,
             "replicas": 1,
+            "shared_gradients": True,
             "first_off_over_on": 0.3,
             "median_off_over_on": 1.0,
         }
     ]
     table = search.markdown_table(results, ratios)
     assert "| off | 1 | 0.30 | 1.00 |" in table
-    assert "| off | 2 | on | timeout" in table
+    assert "| off | 2 | off | on | timeout" in table

@@ -83,6 +83,7 @@ def test_final_network_matches_reference_9():
     assert summary["non_trainable_parameters"] == 118_104
     assert summary["unused_se_batchnorm_parameters"] == 12_992
     assert summary["trainable_parameters"] + 12_992 == 76_981_324  # authors'
+    assert summary["authors_trainable_parameters"] == 76_981_324
     assert summary["multiply_adds"] / 1e9 == pytest.approx(121.7, abs=0.05)
     for part, (parameters, gmacs) in REFERENCE_9.items():
         assert summary["parts"][part]["parameters"] == parameters, part
@@ -100,4 +101,6 @@ def test_interaction_supernet_matches_reference_9():
     # se_connect: 6,112 in the fixed cells and 18,176 in the mixed ops.
     assert summary["unused_se_batchnorm_parameters"] == 24_288
     assert summary["network_parameters"] + 24_288 == 33_674_068
+    assert summary["authors_network_parameters"] == 33_674_068
+    assert summary["authors_trainable_parameters"] == 33_674_804
     assert summary["multiply_adds"] / 1e9 == pytest.approx(44.3, abs=0.1)

@@ -426,17 +426,20 @@ def test_requires_a_built_supernet_with_architecture(make_mirrored_strategy):
         bilevel.architecture_step(next(_distributed(strategy, [_batch(1)])))
 
 
-def test_shared_gradients_give_the_same_search(make_mirrored_strategy):
+@pytest.mark.parametrize("devices", [ONE_DEVICE, TWO_DEVICES])
+def test_shared_gradients_give_the_same_search(make_mirrored_strategy, devices):
     """`search.shared_gradients`: the same updates and metrics as separate
-    weight and architecture gradients, and the forward and backward graph
-    traced once for both steps (one replica: BatchNorm not synchronised)."""
+    weight and architecture steps, with one traced function for both steps
+    (on one replica and on two, with synchronised BatchNorm)."""
     batches = [(_batch(30 + i), _batch(40 + i)) for i in range(2)]
     results = {}
     for shared in (False, True):
-        strategy = make_mirrored_strategy(ONE_DEVICE)
+        strategy = make_mirrored_strategy(devices)
         with strategy.scope():
             keras.utils.set_random_seed(0)
-            model = build_toy(batchnorm=True, sync_batchnorm=False)
+            model = build_toy(
+                batchnorm=True, sync_batchnorm=len(devices) > 1
+            )
             loss = NPPNetLoss(LossConfig(ohem_min_kept=500))
             bilevel = BilevelSearch(
                 model, loss, SearchConfig(shared_gradients=shared), strategy
@@ -446,18 +449,24 @@ def test_shared_gradients_give_the_same_search(make_mirrored_strategy):
         bilevel.weight_step(next(weights))
         metrics = bilevel.iteration(next(weights), next(architecture), 2.0)
         results[shared] = (
-            _values(bilevel.architecture_variables + bilevel.network_variables),
+            _values(
+                bilevel.architecture_variables
+                + bilevel.network_variables
+                + bilevel.lambda_variables
+            ),
             {k: float(v) for k, v in metrics.items()},
+            [int(o.iterations.numpy()) for o in bilevel.optimizers.values()],
         )
         if shared:
             function = bilevel._functions["shared"]
             assert function.experimental_get_tracing_count() == 1
+            assert "weight" not in bilevel._functions
+            assert "architecture" not in bilevel._functions
         else:
             assert "shared" not in bilevel._functions
-    (separate, separate_metrics), (together, together_metrics) = (
-        results[False],
-        results[True],
-    )
+    separate, separate_metrics, separate_steps = results[False]
+    together, together_metrics, together_steps = results[True]
+    assert separate_steps == together_steps == [2, 2, 1]
     assert separate_metrics.keys() == together_metrics.keys()
     for key in separate_metrics:
         assert together_metrics[key] == pytest.approx(
@@ -465,9 +474,3 @@ def test_shared_gradients_give_the_same_search(make_mirrored_strategy):
         ), key
     for a, b in zip(separate, together):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_shared_gradients_refuse_several_replicas(make_mirrored_strategy):
-    strategy = make_mirrored_strategy(TWO_DEVICES)
-    with pytest.raises(ValueError, match="shared_gradients needs one replica"):
-        _setup(strategy, shared_gradients=True)
