@@ -116,3 +116,41 @@ class BatchNorm(keras.layers.Layer):
             "epsilon": self.epsilon,
             "affine": self.affine,
         }
+
+
+@keras.saving.register_keras_serializable(package="nppnet")
+class SyncBatchNorm(keras.layers.BatchNormalization):
+    """Keras' synchronised BatchNorm with PyTorch's moving variance.
+
+    Normalises as `keras.layers.BatchNormalization(synchronized=True)`
+    (batch statistics all-reduced over the replicas), but updates the moving
+    variance with the unbiased variance of the global batch, as PyTorch's
+    `SyncBatchNorm` and this project's fused `BatchNorm` do, so that one
+    replica (fused) and several (synchronised) train the same statistics.
+
+    Args:
+        **kwargs: `keras.layers.BatchNormalization` arguments;
+            `synchronized` defaults to True.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("synchronized", True)
+        super().__init__(**kwargs)
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable) or mask is not None:
+            return super().call(inputs, training=training, mask=mask)
+        before = tf.identity(self.moving_variance.value)
+        outputs = super().call(inputs, training=training)
+        # Keras set `m * before + (1 - m) * v` with the biased batch
+        # variance v; PyTorch uses v * n / (n - 1), n the global count.
+        local = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), tf.float32)
+        context = tf.distribute.get_replica_context()
+        replicas = 1 if context is None else context.num_replicas_in_sync
+        count = local * float(replicas)
+        updated = tf.convert_to_tensor(self.moving_variance.value)
+        biased_share = updated - self.momentum * before  # (1 - m) * v
+        self.moving_variance.assign(
+            updated + biased_share / tf.maximum(count - 1.0, 1.0)
+        )
+        return outputs

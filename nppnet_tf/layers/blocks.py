@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from nppnet_tf.layers.batch_norm import BatchNorm
+from nppnet_tf.layers.batch_norm import BatchNorm, SyncBatchNorm
 
 BATCHNORM_MOMENTUM = 0.9  # PyTorch momentum 0.1 (reference 0.2)
 BATCHNORM_EPSILON = 1e-5  # PyTorch default; Keras' default is 1e-3
@@ -27,9 +27,10 @@ def batch_norm(
     """BatchNorm with the authors' settings (reference 0.2).
 
     Epsilon 1e-5 and PyTorch momentum 0.1 (Keras 0.9). Unsynchronised
-    BatchNorm uses the fused `BatchNorm`; synchronised BatchNorm Keras'
-    `BatchNormalization(synchronized=True)`, which all-reduces the batch
-    statistics over the replicas (the authors' SyncBatchNorm).
+    BatchNorm uses the fused `BatchNorm`; synchronised BatchNorm
+    `SyncBatchNorm`, Keras' `BatchNormalization(synchronized=True)` (batch
+    statistics all-reduced over the replicas, the authors' SyncBatchNorm)
+    with PyTorch's unbiased moving variance, as the fused one.
 
     Args:
         affine: bool. Learn gamma and beta; False inside search-time
@@ -41,7 +42,7 @@ def batch_norm(
         return BatchNorm(
             BATCHNORM_MOMENTUM, BATCHNORM_EPSILON, affine=affine, name=name
         )
-    return keras.layers.BatchNormalization(
+    return SyncBatchNorm(
         momentum=BATCHNORM_MOMENTUM,
         epsilon=BATCHNORM_EPSILON,
         center=affine,

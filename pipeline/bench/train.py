@@ -3,7 +3,8 @@
 The step is `TrainStep`, what `nppnet train` runs per batch: the derived
 NPPNet (the authors' genotype) in training mode, `NPPNetLoss` with its
 lambdas, the backward pass and the three Adam groups, under a
-`MirroredStrategy` with synchronised BatchNorm. Default size: C = 32, 16
+`MirroredStrategy` (BatchNorm synchronised on several replicas, fused on
+one, as `nppnet train` builds it). Default size: C = 32, 16
 cells, 256 x 256, global batch 2 (`--quick`: C = 8, 4 cells, 64 x 64),
 random data, on the CPU. Variants: float32, mixed_bfloat16 and
 mixed_float16 (dynamic loss scaling) x XLA off/on x 1 and 2 replicas (two
@@ -170,7 +171,8 @@ def run_variant(
                 Genotype.load(genotype_path(config.genotype)),
                 init_channels=config.init_channels,
                 num_cells=config.layers,
-                sync_batchnorm=True,
+                # As `nppnet train`: synchronised only on several replicas.
+                sync_batchnorm=replicas > 1,
             )
             model.build((None, size, size, 3))
         loss = NPPNetLoss(LossConfig())
@@ -378,7 +380,7 @@ def bench_train(args) -> int:
             "tensorflow": tf.__version__,
         },
         "model": {
-            "network": "NPPNet (authors' genotype), sync BatchNorm",
+            "network": "NPPNet (authors' genotype), BatchNorm synchronised when replicas > 1",
             **sizes,
             "step": "TrainStep: forward (training mode), NPPNetLoss, "
             "backward, three TorchAdam groups; random data",

@@ -159,3 +159,45 @@ def test_factorized_reduce_samples_even_and_odd_positions(tmp_path):
 def test_factorized_reduce_needs_even_channels():
     with pytest.raises(ValueError, match="even channels"):
         FactorizedReduce(5)
+
+
+def test_sync_batch_norm_keeps_pytorch_moving_variance(
+    make_mirrored_strategy,
+):
+    """Synchronised BatchNorm on two replicas: the output of Keras' layer
+    and the unbiased moving variance of the global batch, as the fused
+    BatchNorm on one replica (and PyTorch's SyncBatchNorm)."""
+    from nppnet_tf.layers.batch_norm import SyncBatchNorm
+
+    rng = np.random.default_rng(6)
+    x = (rng.normal(size=(4, 3, 3, 2)) * 2 + 0.5).astype("float32")
+    strategy = make_mirrored_strategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        layer = batch_norm(synchronized=True)
+        layer.build(x.shape)
+    assert isinstance(layer, SyncBatchNorm)
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensors(x)
+    )
+
+    @tf.function
+    def step(batch):
+        return strategy.run(lambda b: layer(b, training=True), args=(batch,))
+
+    outputs = step(next(iter(dataset)))
+    fused = BatchNorm(0.9, 1e-5)
+    fused.build(x.shape)
+    expected = fused(x, training=True)
+    np.testing.assert_allclose(
+        np.concatenate(strategy.experimental_local_results(outputs)),
+        expected,
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    var = x.var(axis=(0, 1, 2), ddof=1)
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), 0.9 + 0.1 * var, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), 0.1 * x.mean(axis=(0, 1, 2)), rtol=1e-5
+    )
