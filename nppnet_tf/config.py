@@ -522,13 +522,13 @@ class SearchConfig:
             step are one traced function: one forward and backward pass
             giving every gradient, then a `tf.cond` applying the weight or
             the architecture update. One graph to trace and optimise
-            instead of two (the full-size interaction supernet's first
-            iteration 152 s instead of 195 s on 2 cores), at the price of
+            instead of two (the paper-size interaction supernet's first
+            iteration 159 s instead of 213 s on 2 cores), at the price of
             the network's weight gradients in the architecture step too
-            (iterations about 9% longer) and more resident memory with
-            glibc's allocator (docs/benchmarks.md). Same updates as
-            without, on any number of replicas. Off by default; on in the
-            demo, whose searches are short.
+            (iterations 26% longer) and a higher peak (10.0 instead of 7.6
+            GiB); docs/benchmarks.md. Same updates as without, on any
+            number of replicas. Off by default; on in the demo, whose
+            searches are short.
         supernet: `module:function` of a model builder `(stage, config,
             base_genotype) -> built Keras model` searched instead of the
             NPPNet supernets (small test models, experiments); null: the
