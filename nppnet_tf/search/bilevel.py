@@ -432,9 +432,9 @@ class BilevelSearch:
             terms, gradients = self._forward(images, targets, variables)
             with tf.GradientTape() as tape:
                 # Identical on every replica: each adds its share.
-                entropy = entropy_loss(
-                    self.alphas, len(architecture)
-                ) / float(self._num_replicas())
+                entropy = entropy_loss(self.alphas, len(architecture)) / float(
+                    self._num_replicas()
+                )
             entropy_gradients = tape.gradient(entropy, architecture)
             terms["entropy"] = entropy
             masks["loss"] = [g is not None for g in gradients]
@@ -453,7 +453,9 @@ class BilevelSearch:
             for key, v in terms.items()
         }
         gradients = _unmask(
-            self.strategy.reduce(tf.distribute.ReduceOp.SUM, present, axis=None),
+            self.strategy.reduce(
+                tf.distribute.ReduceOp.SUM, present, axis=None
+            ),
             masks["loss"],
         )
         entropy_gradients = _unmask(

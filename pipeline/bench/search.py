@@ -163,9 +163,7 @@ def variants(args: argparse.Namespace) -> list[dict]:
     found = []
     for xla in on_off(args.xla):
         for replicas in args.replicas:
-            shared_values = (
-                shared_choices if replicas == 1 else [False]
-            )
+            shared_values = shared_choices if replicas == 1 else [False]
             for shared in dict.fromkeys(shared_values):
                 for grappler in on_off(args.grappler):
                     found.append(

@@ -25,8 +25,14 @@ def test_search_runs_grappler_on_by_default():
 
 def test_search_shares_gradients_only_on_one_replica():
     args = _args(
-        "search", "--xla", "off", "--replicas", "1", "2",
-        "--shared-gradients", "both",
+        "search",
+        "--xla",
+        "off",
+        "--replicas",
+        "1",
+        "2",
+        "--shared-gradients",
+        "both",
     )
     assert [
         (v["replicas"], v["shared_gradients"]) for v in search.variants(args)

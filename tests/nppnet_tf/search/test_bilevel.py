@@ -437,9 +437,7 @@ def test_shared_gradients_give_the_same_search(make_mirrored_strategy, devices):
         strategy = make_mirrored_strategy(devices)
         with strategy.scope():
             keras.utils.set_random_seed(0)
-            model = build_toy(
-                batchnorm=True, sync_batchnorm=len(devices) > 1
-            )
+            model = build_toy(batchnorm=True, sync_batchnorm=len(devices) > 1)
             loss = NPPNetLoss(LossConfig(ohem_min_kept=500))
             bilevel = BilevelSearch(
                 model, loss, SearchConfig(shared_gradients=shared), strategy
