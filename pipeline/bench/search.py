@@ -322,6 +322,13 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
             "error": f"no result within {args.timeout:.0f} s",
         }
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode < 0:  # its stderr holds only start-up noise
+        return {
+            **variant,
+            "status": "failed",
+            "error": f"killed by signal {-done.returncode}",
+            "seconds": round(time.time() - started, 1),
+        }
     if done.returncode != 0 or not lines:
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
         return {
