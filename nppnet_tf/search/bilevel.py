@@ -114,13 +114,6 @@ def _step_metrics(terms: dict, step: str) -> dict[str, tf.Tensor]:
     return metrics
 
 
-def _unmask(present: list, mask: list[bool]) -> list:
-    """`present` gradients back in variable order, None where `mask` is
-    False."""
-    present = list(present)
-    return [present.pop(0) if has else None for has in mask]
-
-
 def _keep_gradients(gradients, variables):
     """(gradients, variables) without the variables that got no gradient."""
     pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
@@ -425,8 +418,6 @@ class BilevelSearch:
         network, lambdas = self.network_variables, self.lambda_variables
         architecture = self.architecture_variables
         variables = network + lambdas + architecture
-        images, targets = batch
-        masks: dict[str, list[bool]] = {}
 
         def replica(images, targets):
             terms, gradients = self._forward(images, targets, variables)
@@ -435,54 +426,30 @@ class BilevelSearch:
                 entropy = entropy_loss(self.alphas, len(architecture)) / float(
                     self._num_replicas()
                 )
-            entropy_gradients = tape.gradient(entropy, architecture)
             terms["entropy"] = entropy
-            masks["loss"] = [g is not None for g in gradients]
-            masks["entropy"] = [g is not None for g in entropy_gradients]
-            return (
-                terms,
-                [g for g in gradients if g is not None],
-                [g for g in entropy_gradients if g is not None],
-            )
+            return terms, [gradients, tape.gradient(entropy, architecture)]
 
-        terms, present, entropy_present = self.strategy.run(
-            replica, args=(images, targets)
-        )
-        terms = {
-            key: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
-            for key, v in terms.items()
-        }
-        gradients = _unmask(
-            self.strategy.reduce(
-                tf.distribute.ReduceOp.SUM, present, axis=None
-            ),
-            masks["loss"],
-        )
-        entropy_gradients = _unmask(
-            self.strategy.reduce(
-                tf.distribute.ReduceOp.SUM, entropy_present, axis=None
-            ),
-            masks["entropy"],
+        terms, (gradients, entropy_gradients) = self._run_reduced(
+            replica, batch
         )
         entropy = terms["entropy"]
         scale = self.config.arch_loss_scale
-        architecture_gradients = []
-        for loss_gradient, entropy_gradient in zip(
-            gradients[len(network) + len(lambdas) :], entropy_gradients
-        ):
-            parts = [
-                g
-                for g in (
-                    loss_gradient,
-                    None
-                    if entropy_gradient is None
-                    else entropy_weight * entropy_gradient,
-                )
-                if g is not None
-            ]
-            architecture_gradients.append(
-                scale * tf.add_n(parts) if parts else None
+
+        def architecture_gradient(loss_gradient, entropy_gradient):
+            if entropy_gradient is None:
+                total = loss_gradient
+            elif loss_gradient is None:
+                total = entropy_weight * entropy_gradient
+            else:
+                total = loss_gradient + entropy_weight * entropy_gradient
+            return None if total is None else scale * total
+
+        architecture_gradients = [
+            architecture_gradient(g, e)
+            for g, e in zip(
+                gradients[len(network) + len(lambdas) :], entropy_gradients
             )
+        ]
 
         def update_architecture():
             pairs = _keep_gradients(architecture_gradients, architecture)
@@ -556,31 +523,43 @@ class BilevelSearch:
 
     def _reduced_gradients(self, batch, variables, entropy_weight=None):
         """Global loss terms and all-reduced gradients, in cross-replica
-        context; None for a variable without a gradient (which variables
-        have one is fixed by the graph, recorded while tracing)."""
-        images, targets = batch
-        mask: list[bool] = []
+        context; None for a variable without a gradient."""
 
         def replica(images, targets):
             terms, gradients = self._forward(
                 images, targets, variables, entropy_weight
             )
-            mask[:] = [g is not None for g in gradients]  # same on all
-            return terms, [g for g in gradients if g is not None]
+            return terms, [gradients]
 
-        terms, present = self.strategy.run(replica, args=(images, targets))
-        present = self.strategy.reduce(
-            tf.distribute.ReduceOp.SUM, present, axis=None
-        )
-        gradients, position = [], 0
-        for has_gradient in mask:
-            if has_gradient:
-                gradients.append(present[position])
-                position += 1
-            else:
-                gradients.append(None)
+        terms, (gradients,) = self._run_reduced(replica, batch)
+        return terms, gradients
+
+    def _run_reduced(self, replica, batch):
+        """Runs `replica(images, targets) -> (terms, gradient lists)` on
+        every replica and sums both over the replicas, in cross-replica
+        context. Gradients that are None stay None (which variables have
+        one is fixed by the graph, recorded while tracing)."""
+        images, targets = batch
+        masks: list[list[bool]] = []
+
+        def masked(images, targets):
+            terms, lists = replica(images, targets)
+            masks[:] = [[g is not None for g in gs] for gs in lists]
+            return terms, [[g for g in gs if g is not None] for gs in lists]
+
+        terms, present = self.strategy.run(masked, args=(images, targets))
         summed = {
             key: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
             for key, v in terms.items()
         }
-        return summed, gradients
+        gradient_lists = []
+        for values, mask in zip(present, masks):
+            reduced = iter(
+                self.strategy.reduce(
+                    tf.distribute.ReduceOp.SUM, values, axis=None
+                )
+            )
+            gradient_lists.append(
+                [next(reduced) if has else None for has in mask]
+            )
+        return summed, gradient_lists
