@@ -186,6 +186,15 @@ def set_graph_optimizations(enabled: bool) -> None:
         log.info("graph optimisations (Grappler) off")
 
 
+def synchronise_batchnorm(requested: bool) -> bool:
+    """Whether models built now should synchronise BatchNorm: when asked
+    (`distribute.sync_batchnorm`) and the current strategy has more than
+    one replica. Synchronising one replica changes nothing but replaces
+    the fused BatchNorm kernel with Keras' op-by-op layer and a
+    cross-replica call per BatchNorm."""
+    return requested and tf.distribute.get_strategy().num_replicas_in_sync > 1
+
+
 def create_strategy(
     config: DistributeConfig | None = None,
 ) -> tf.distribute.Strategy:

@@ -150,10 +150,7 @@ def build_supernet(
     from nppnet_tf.models.interaction_supernet import InteractionSupernet
 
     search = config.search
-    # Synchronising over one replica changes nothing but costs a
-    # cross-replica call per BatchNorm.
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    sync = config.distribute.sync_batchnorm and replicas > 1
+    sync = distribute.synchronise_batchnorm(config.distribute.sync_batchnorm)
     if stage == "encoder-decoder":
         model = EncoderDecoderSupernet(
             init_channels=search.init_channels,

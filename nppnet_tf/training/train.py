@@ -45,14 +45,13 @@ def build_network(config: RunConfig, genotype: Genotype) -> keras.Model:
     `train.layers` (call inside the strategy scope)."""
     from nppnet_tf.models.nppnet import NPPNet
 
-    # As the search: synchronising over one replica changes nothing but
-    # replaces the fused BatchNorm kernel with Keras' op-by-op layer.
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
     model = NPPNet(
         genotype,
         init_channels=config.train.init_channels,
         num_cells=config.train.layers,
-        sync_batchnorm=config.distribute.sync_batchnorm and replicas > 1,
+        sync_batchnorm=distribute.synchronise_batchnorm(
+            config.distribute.sync_batchnorm
+        ),
     )
     size = config.data.image_size
     model.build((None, size, size, 3))

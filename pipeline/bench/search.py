@@ -83,12 +83,11 @@ def register(subparsers) -> None:
         help="replica counts to run",
     )
     add_grappler_argument(parser)
-    parser.add_argument(
+    add_on_off_argument(
+        parser,
         "--shared-gradients",
-        choices=["on", "off", "both"],
-        default="on",
-        help="search.shared_gradients variants (one traced supernet function "
-        "for both steps; one replica only, so 2-replica variants run off)",
+        "search.shared_gradients variants (one traced function for both "
+        "steps); run on one replica only, 2-replica variants run without",
     )
     parser.add_argument(
         "--timeout",
@@ -102,19 +101,28 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=bench_search)
 
 
+def add_on_off_argument(
+    parser: argparse.ArgumentParser, flag: str, help: str
+) -> None:
+    """A `FLAG on|off|both` option, default on; `on_off` reads it."""
+    parser.add_argument(
+        flag, choices=["on", "off", "both"], default="on", help=help
+    )
+
+
 def add_grappler_argument(parser: argparse.ArgumentParser) -> None:
     """`--grappler on|off|both` (shared with `nppnet bench train`)."""
-    parser.add_argument(
+    add_on_off_argument(
+        parser,
         "--grappler",
-        choices=["on", "off", "both"],
-        default="on",
-        help="graph optimiser (Grappler) variants to run; both also reports "
+        "graph optimiser (Grappler) variants to run; both also reports "
         "the ratios off / on",
     )
 
 
 def on_off(choice: str) -> list[bool]:
-    """`--xla` / `--grappler` choice -> the values to run."""
+    """`--xla` / `--grappler` / `--shared-gradients` choice -> the values
+    to run."""
     return {"off": [False], "on": [True], "both": [False, True]}[choice]
 
 
@@ -193,7 +201,11 @@ def run_variant(
     """
     import resource
 
-    from nppnet_tf.distribute import set_graph_optimizations, split_cpu
+    from nppnet_tf.distribute import (
+        set_graph_optimizations,
+        split_cpu,
+        synchronise_batchnorm,
+    )
 
     set_graph_optimizations(grappler)  # as create_strategy: before devices
     devices = split_cpu(replicas)
@@ -215,9 +227,8 @@ def run_variant(
             Genotype.load(authors_genotype_path()),
             init_channels=sizes["init_channels"],
             num_cells=sizes["layers"],
-            # As the search loop: synchronised (unfused) BatchNorm only
-            # when there is something to synchronise.
-            sync_batchnorm=replicas > 1,
+            # As the search loop builds it.
+            sync_batchnorm=synchronise_batchnorm(True),
         )
         model.build((None, size, size, 3))
         loss = NPPNetLoss(LossConfig())

@@ -138,7 +138,11 @@ def run_variant(
     """
     import resource
 
-    from nppnet_tf.distribute import set_graph_optimizations, split_cpu
+    from nppnet_tf.distribute import (
+        set_graph_optimizations,
+        split_cpu,
+        synchronise_batchnorm,
+    )
 
     set_graph_optimizations(grappler)  # as create_strategy: before devices
     devices = split_cpu(replicas)
@@ -171,8 +175,8 @@ def run_variant(
                 Genotype.load(genotype_path(config.genotype)),
                 init_channels=config.init_channels,
                 num_cells=config.layers,
-                # As `nppnet train`: synchronised only on several replicas.
-                sync_batchnorm=replicas > 1,
+                # As `nppnet train` builds it.
+                sync_batchnorm=synchronise_batchnorm(True),
             )
             model.build((None, size, size, 3))
         loss = NPPNetLoss(LossConfig())
