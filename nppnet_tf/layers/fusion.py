@@ -21,7 +21,7 @@ from nppnet_tf.layers.blocks import (
     creation_scope,
 )
 from nppnet_tf.layers.cells import EdgeLike, edge_pairs
-from nppnet_tf.layers.mixed_op import MixedOp
+from nppnet_tf.layers.mixed_op import MixedOp, weight_rows
 from nppnet_tf.layers.operations import build_op
 from nppnet_tf.layers.search_cells import cell_node_sizes
 
@@ -176,6 +176,8 @@ class SearchFusionCell(_FusionBase):
 
     def call(self, aux, pose, parsing, op_weights, edge_weights, training=None):
         states = self._inputs(aux, pose, parsing, training)
+        op_weights = weight_rows(op_weights, len(self.edge_ops))
+        edge_weights = weight_rows(edge_weights, len(self.edge_ops))
         offset = 0
         for num_states in cell_node_sizes(NUM_INPUTS):
             total = 0

@@ -26,7 +26,7 @@ from nppnet_tf.layers.blocks import (
     channels_shape,
     creation_scope,
 )
-from nppnet_tf.layers.mixed_op import MixedOp
+from nppnet_tf.layers.mixed_op import MixedOp, weight_rows
 from nppnet_tf.layers.operations import build_op
 from nppnet_tf.layers.resize import resize_by_factor
 
@@ -240,6 +240,8 @@ class SearchInteraction(_InteractionBase):
 
     def call(self, sources, target, op_weights, edge_weights, training=None):
         self._check_sources(sources)
+        op_weights = weight_rows(op_weights, len(self.edge_ops))
+        edge_weights = weight_rows(edge_weights, len(self.edge_ops))
         total = target
         for source, state in enumerate(sources):
             y = self.edge_ops[source](

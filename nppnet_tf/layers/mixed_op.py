@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from nppnet_tf.layers.blocks import (
@@ -14,6 +15,22 @@ from nppnet_tf.layers.blocks import (
 )
 from nppnet_tf.layers.operations import build_op, channel_shuffle
 from nppnet_tf.layers.resize import resize_by_factor
+
+
+def weight_rows(weights, num: int) -> list:
+    """The `num` rows of `weights` (a tensor, array or list of rows) as a
+    list.
+
+    One unstack per weight matrix instead of one strided slice per use: a
+    search step slices the architecture weights thousands of times, and
+    every slice adds a slice op and a full-size slice gradient to both
+    traced steps (memory and tracing time of the search).
+    """
+    if isinstance(weights, (list, tuple)):
+        if len(weights) != num:
+            raise ValueError(f"expected {num} weight rows, got {len(weights)}")
+        return list(weights)
+    return ops.unstack(weights, num=num, axis=0)
 
 
 @keras.saving.register_keras_serializable(package="nppnet")
@@ -110,10 +127,16 @@ class MixedOp(keras.layers.Layer):
 
     def call(self, inputs, op_weights, training=None):
         if self.partial_channels > 1:
-            x = inputs[..., : self.op_channels]
+            # One split (its gradient one concat) instead of two slices.
+            x, bypass = tf.split(
+                inputs,
+                [self.op_channels, self.channels - self.op_channels],
+                axis=-1,
+            )
         else:
             x = inputs
         pool_norms = dict(zip(self._pool_indices, self.pool_norms))
+        weights = weight_rows(op_weights, len(self.primitives))
         total = None
         for i, (name, op) in enumerate(zip(self.primitives, self.candidates)):
             if name == "none":
@@ -121,7 +144,7 @@ class MixedOp(keras.layers.Layer):
             y = op(x, training=training)
             if i in pool_norms:
                 y = pool_norms[i](y, training=training)
-            term = op_weights[i] * y
+            term = weights[i] * y
             total = term if total is None else total + term
         if total is None:  # only `none` candidates
             total = self.candidates[0](x)
@@ -129,7 +152,6 @@ class MixedOp(keras.layers.Layer):
             total = resize_by_factor(total, self.scale, "bilinear")
         if self.partial_channels == 1:
             return total
-        bypass = inputs[..., self.op_channels :]
         if self.scale is not None:
             bypass = resize_by_factor(bypass, self.scale, "nearest")
         if self.stride > 1:

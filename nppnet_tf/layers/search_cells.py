@@ -20,7 +20,7 @@ from nppnet_tf.layers.blocks import (
     channels_shape,
     creation_scope,
 )
-from nppnet_tf.layers.mixed_op import MixedOp
+from nppnet_tf.layers.mixed_op import MixedOp, weight_rows
 from nppnet_tf.layers.resize import resize_bilinear
 
 NUM_NODES = 4
@@ -66,6 +66,9 @@ class _SearchCellBase(keras.layers.Layer):
                 op.build(channels_shape(self.filters))
 
     def _nodes(self, states, op_weights, edge_weights, training, low_size=None):
+        num_edges = len(self.edge_ops)
+        op_weights = weight_rows(op_weights, num_edges)
+        edge_weights = weight_rows(edge_weights, num_edges)
         offset = 0
         for _ in range(NUM_NODES):
             total = 0

@@ -27,6 +27,7 @@ from nppnet_tf.layers.architecture import (
 )
 from nppnet_tf.layers.blocks import channels_shape, creation_scope
 from nppnet_tf.layers.heads import Head, Projection, Stem
+from nppnet_tf.layers.mixed_op import weight_rows
 from nppnet_tf.layers.resize import resize_bilinear
 
 NUM_STAGES = 4
@@ -258,8 +259,12 @@ class TwoBranchNetwork(keras.Model):
     # --------------------------------------------------------------- forward
 
     def call(self, images, training=None):
+        # Each space's weight rows, unstacked once for all its edges.
         weights = {
-            name: (space.op_weights(), space.edge_weights())
+            name: (
+                weight_rows(space.op_weights(), space.rows),
+                weight_rows(space.edge_weights(), space.rows),
+            )
             for name, space in self.architecture.items()
         }
 

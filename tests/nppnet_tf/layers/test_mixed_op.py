@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from nppnet_tf.layers.mixed_op import MixedOp
+from nppnet_tf.layers.mixed_op import MixedOp, weight_rows
 from nppnet_tf.layers.resize import resize_bilinear
 from nppnet_tf.search.primitives import (
     PRIMITIVES_ENCODER_DECODER,
@@ -109,6 +109,41 @@ def test_gradients_reach_the_op_weights():
         loss = tf.reduce_sum(mixed(x, weights, training=True) ** 2)
     grad = tape.gradient(loss, weights)
     assert np.all(np.isfinite(grad)) and np.any(np.asarray(grad) != 0)
+
+
+def test_gradient_graph_slices_the_op_weights_once():
+    """The op weights are unstacked once and the partial channels split
+    once: no strided slice per candidate in the forward or the backward
+    graph (each added a slice gradient; thousands in a search step)."""
+    import tensorflow as tf
+
+    x, weights = _inputs()
+    mixed = MixedOp(8, PRIMITIVES_INTER, partial_channels=2)
+    mixed(x, weights)
+
+    @tf.function
+    def step(x, weights):
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            loss = tf.reduce_sum(mixed(x, weights, training=True))
+        return tape.gradient(loss, weights)
+
+    graph = step.get_concrete_function(
+        tf.TensorSpec(x.shape), tf.TensorSpec(weights.shape)
+    ).graph
+    types = [op.type for op in graph.get_operations()]
+    assert "StridedSlice" not in types and "StridedSliceGrad" not in types
+    assert types.count("Unpack") == 1 and types.count("SplitV") == 1
+
+
+def test_weight_rows_of_tensors_arrays_and_lists():
+    matrix = np.arange(6, dtype="float32").reshape(3, 2)
+    rows = weight_rows(ops.convert_to_tensor(matrix), 3)
+    assert len(rows) == 3
+    np.testing.assert_array_equal(np.asarray(rows[2]), matrix[2])
+    assert weight_rows(list(rows), 3) == list(rows)
+    with pytest.raises(ValueError, match="expected 4 weight rows, got 3"):
+        weight_rows(list(rows), 4)
 
 
 def test_mixed_op_contract(tmp_path):
