@@ -22,6 +22,10 @@ $(STAMP): requirements.lock pyproject.toml
 	  (apt-get install -y -qq graphviz >/dev/null 2>&1 || \
 	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq graphviz >/dev/null 2>&1)) || \
 	  echo "WARNING: graphviz 'dot' could not be installed; genotype diagrams will fail")
+	@ldconfig -p | grep -q libtcmalloc_minimal || (echo "installing tcmalloc (the default memory allocator)"; \
+	  (apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1)) || \
+	  echo "WARNING: tcmalloc could not be installed; nppnet falls back to TensorFlow's allocator (more memory)")
 	touch $(STAMP)
 
 demo: env

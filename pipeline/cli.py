@@ -14,6 +14,8 @@ import os
 import sys
 import warnings
 
+from pipeline import allocator
+
 log = logging.getLogger("nppnet")
 
 
@@ -41,6 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("NPPNET_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging verbosity (default: INFO, or $NPPNET_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--allocator",
+        choices=allocator.CHOICES,
+        default=os.environ.get(allocator.ENV_CHOICE, allocator.DEFAULT),
+        help=(
+            "memory allocator of the process: tcmalloc or jemalloc (preloaded, "
+            "TensorFlow's oneDNN pool off: less memory) or tensorflow (its "
+            f"default arrangement); default {allocator.DEFAULT}, or "
+            f"${allocator.ENV_CHOICE}. Applied by the nppnet executable at "
+            "start-up (it re-executes itself)"
+        ),
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
@@ -95,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    log.debug("memory allocator: %s", allocator.describe())
     try:
         code = args.handler(args)
     except KeyboardInterrupt:
@@ -108,5 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     return int(code or 0)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `nppnet` executable: puts the requested memory allocator in
+    place (re-executing the process if needed, before TensorFlow loads),
+    then runs `main`. `main` itself, as tests call it, never re-executes."""
+    try:
+        allocator.use(allocator.requested())
+    except ValueError as err:
+        print(f"nppnet: error: {err}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

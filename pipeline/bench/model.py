@@ -37,6 +37,13 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.bench import (
+    add_allocator_argument,
+    allocators,
+    child_environment,
+    missing_allocator,
+)
+
 log = logging.getLogger(__name__)
 
 GENOTYPE = "configs/genotypes/nppnet_lip.json"
@@ -53,9 +60,12 @@ class Variant:
     xla: bool
     init_channels: int = 64
     num_cells: int = 16
+    allocator: str = "tensorflow"
 
     @property
     def name(self) -> str:
+        """`model-mode-bB-S`, `-xla` when XLA is on (the allocator is a
+        separate field)."""
         xla = "-xla" if self.xla else ""
         return f"{self.model}-{self.mode}-b{self.batch}-{self.image_size}{xla}"
 
@@ -117,6 +127,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--list", action="store_true", help="list the variant names and exit"
     )
+    add_allocator_argument(parser)
     parser.set_defaults(handler=_bench)
 
 
@@ -137,12 +148,22 @@ def _bench(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(v.name for v in variants))
         return 0
+    variants = [
+        dataclasses.replace(v, allocator=choice)
+        for v in variants
+        for choice in allocators(args)
+    ]
     repeats = 2 if args.quick else args.repeats
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}.")
     results = []
     for variant in variants:
-        log.info("running %s (%d timed calls)", variant.name, repeats)
+        log.info(
+            "running %s, allocator %s (%d timed calls)",
+            variant.name,
+            variant.allocator,
+            repeats,
+        )
         result = _run_child(variant, repeats, args.genotype, args.timeout)
         log.info("%s: %s", variant.name, _describe(result))
         results.append(result)
@@ -170,8 +191,12 @@ def _run_child(
             "genotype": genotype,
         }
     )
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env = child_environment(variant.allocator)
     result = {"variant": variant.name, **dataclasses.asdict(variant)}
+    if env is None:
+        missing = missing_allocator(variant.allocator)
+        log.error("%s: %s", variant.name, missing["error"])
+        return {**result, "error": missing["error"]}
     try:
         process = subprocess.run(
             [sys.executable, "-m", "pipeline.bench.model", spec],
@@ -220,18 +245,19 @@ def _describe(result: dict) -> str:
 def format_table(results: list[dict]) -> str:
     """Markdown table of the results."""
     lines = [
-        "| variant | XLA | median s | min s | first calls s | peak RSS GiB "
-        "| peak - model GiB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | XLA | allocator | median s | min s | first calls s "
+        "| peak RSS GiB | peak - model GiB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         name = r["variant"].removesuffix("-xla")
         xla = "on" if r["xla"] else "off"
+        head = f"| {name} | {xla} | {r.get('allocator', 'tensorflow')} |"
         if "error" in r:
-            lines.append(f"| {name} | {xla} | {r['error']} | | | | |")
+            lines.append(f"{head} {r['error']} | | | | |")
             continue
         lines.append(
-            f"| {name} | {xla} | {r['median_seconds']:.2f} | "
+            f"{head} {r['median_seconds']:.2f} | "
             f"{r['min_seconds']:.2f} | {r['warmup_seconds']:.1f} | "
             f"{r['peak_rss_gib']:.2f} | {r['activation_rss_gib']:.2f} |"
         )

@@ -37,6 +37,13 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.bench import (
+    add_allocator_argument,
+    allocators,
+    child_environment,
+    missing_allocator,
+)
+
 log = logging.getLogger(__name__)
 
 AUTHORS_SECONDS_PER_ITERATION = 26.0
@@ -89,6 +96,7 @@ def register(subparsers) -> None:
         "search.shared_gradients variants (one traced function for both "
         "steps); run on one replica only, 2-replica variants run without",
     )
+    add_allocator_argument(parser)
     parser.add_argument(
         "--timeout",
         type=float,
@@ -164,9 +172,10 @@ def _sizes(quick: bool) -> dict:
 
 
 def variants(args: argparse.Namespace) -> list[dict]:
-    """The (XLA, replicas, shared gradients, Grappler) variants the options
-    ask for, Grappler innermost so that the pair compared runs back to back.
-    Shared gradients need one replica: several replicas run without."""
+    """The (XLA, replicas, shared gradients, Grappler, allocator) variants
+    the options ask for, the last two innermost so that the pairs compared
+    run back to back. Shared gradients need one replica: several replicas
+    run without."""
     shared_choices = on_off(getattr(args, "shared_gradients", "off"))
     found = []
     for xla in on_off(args.xla):
@@ -174,14 +183,16 @@ def variants(args: argparse.Namespace) -> list[dict]:
             shared_values = shared_choices if replicas == 1 else [False]
             for shared in dict.fromkeys(shared_values):
                 for grappler in on_off(args.grappler):
-                    found.append(
-                        {
-                            "xla": xla,
-                            "replicas": replicas,
-                            "shared_gradients": shared,
-                            "grappler": grappler,
-                        }
-                    )
+                    for choice in allocators(args):
+                        found.append(
+                            {
+                                "xla": xla,
+                                "replicas": replicas,
+                                "shared_gradients": shared,
+                                "grappler": grappler,
+                                "allocator": choice,
+                            }
+                        )
     return found
 
 
@@ -310,13 +321,18 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
         str(args.iterations),
     ]
     log.info(
-        "variant XLA %s, %d replica(s), shared gradients %s, Grappler %s: %s",
+        "variant XLA %s, %d replica(s), shared gradients %s, Grappler %s, "
+        "allocator %s: %s",
         "on" if variant["xla"] else "off",
         variant["replicas"],
         "on" if variant.get("shared_gradients") else "off",
         "on" if variant["grappler"] else "off",
+        variant["allocator"],
         " ".join(command),
     )
+    env = child_environment(variant["allocator"])
+    if env is None:
+        return {**variant, **missing_allocator(variant["allocator"])}
     started = time.time()
     try:
         done = subprocess.run(
@@ -324,7 +340,7 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
             capture_output=True,
             text=True,
             timeout=args.timeout,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+            env=env,
         )
     except subprocess.TimeoutExpired:
         return {
@@ -348,19 +364,22 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
             "error": f"exit {done.returncode}: {tail}",
             "seconds": round(time.time() - started, 1),
         }
-    return json.loads(lines[-1])
+    return {**json.loads(lines[-1]), "allocator": variant["allocator"]}
 
 
 def markdown_table(results: list[dict], ratios: list[dict] = ()) -> str:
     lines = [
-        "| XLA | replicas | shared gradients | Grappler | s / iteration (median) | first iteration s | build s | peak RSS GiB | load average |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| XLA | replicas | shared gradients | Grappler | allocator | s / iteration (median) | first iteration s | build s | peak RSS GiB | load average |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         xla = "on" if r["xla"] else "off"
         grappler = "on" if r.get("grappler", True) else "off"
         shared = "on" if r.get("shared_gradients") else "off"
-        head = f"| {xla} | {r['replicas']} | {shared} | {grappler} |"
+        allocator = r.get("allocator", "tensorflow")
+        head = (
+            f"| {xla} | {r['replicas']} | {shared} | {grappler} | {allocator} |"
+        )
         if r.get("status") != "ok":
             reason = (r.get("error") or "").strip().splitlines() or [""]
             lines.append(f"{head} {r['status']}: {reason[-1][:80]} | | | | |")
@@ -372,7 +391,7 @@ def markdown_table(results: list[dict], ratios: list[dict] = ()) -> str:
             f"{' '.join(f'{x:.1f}' for x in r['load_average'])} |"
         )
     lines.append(
-        f"| (authors, PyTorch) | 1 | | | {AUTHORS_SECONDS_PER_ITERATION:.0f} | "
+        f"| (authors, PyTorch) | 1 | | | | {AUTHORS_SECONDS_PER_ITERATION:.0f} | "
         f"| | {AUTHORS_PEAK_GIB} | |"
     )
     if ratios:
@@ -433,7 +452,7 @@ def bench_search(args) -> int:
         results.append(result)
     ratios = grappler_ratios(
         results,
-        ("xla", "replicas", "shared_gradients"),
+        ("xla", "replicas", "shared_gradients", "allocator"),
         "first_iteration_seconds",
         "seconds_per_iteration",
     )

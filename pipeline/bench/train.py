@@ -42,6 +42,12 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.bench import (
+    add_allocator_argument,
+    allocators,
+    child_environment,
+    missing_allocator,
+)
 from pipeline.bench.search import add_grappler_argument, grappler_ratios, on_off
 
 log = logging.getLogger(__name__)
@@ -94,6 +100,7 @@ def register(subparsers) -> None:
         help="replica counts to run",
     )
     add_grappler_argument(parser)
+    add_allocator_argument(parser)
     parser.add_argument(
         "--timeout",
         type=float,
@@ -107,14 +114,21 @@ def register(subparsers) -> None:
 
 
 def variants(args: argparse.Namespace) -> list[dict]:
-    """The variants the options ask for, Grappler innermost so that the
-    pair compared runs back to back."""
+    """The variants the options ask for, Grappler and the allocator
+    innermost so that the pairs compared run back to back."""
     return [
-        dict(precision=precision, xla=xla, replicas=replicas, grappler=grappler)
+        dict(
+            precision=precision,
+            xla=xla,
+            replicas=replicas,
+            grappler=grappler,
+            allocator=choice,
+        )
         for precision in args.precision
         for xla in on_off(args.xla)
         for replicas in args.replicas
         for grappler in on_off(args.grappler)
+        for choice in allocators(args)
     ]
 
 
@@ -245,12 +259,16 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
         str(args.steps),
     ]
     log.info(
-        "variant %s, XLA %s, %d replica(s), Grappler %s",
+        "variant %s, XLA %s, %d replica(s), Grappler %s, allocator %s",
         variant["precision"],
         "on" if variant["xla"] else "off",
         variant["replicas"],
         "on" if variant["grappler"] else "off",
+        variant["allocator"],
     )
+    env = child_environment(variant["allocator"])
+    if env is None:
+        return {**variant, **missing_allocator(variant["allocator"])}
     started = time.time()
     try:
         done = subprocess.run(
@@ -258,7 +276,7 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
             capture_output=True,
             text=True,
             timeout=args.timeout,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+            env=env,
         )
     except subprocess.TimeoutExpired:
         return {
@@ -276,19 +294,24 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
             "error": f"exit {done.returncode}: {tail}",
             "seconds": round(time.time() - started, 1),
         }
-    return json.loads(lines[-1])
+    return {**json.loads(lines[-1]), "allocator": variant["allocator"]}
 
 
 def markdown_table(results: list[dict], ratios: list[dict] = ()) -> str:
     lines = [
-        "| precision | XLA | replicas | Grappler | images/s | s / step (median) "
-        "| first step s | build s | peak RSS GiB | load before / after |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| precision | XLA | replicas | Grappler | allocator | images/s "
+        "| s / step (median) | first step s | build s | peak RSS GiB "
+        "| load before / after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         xla = "on" if r["xla"] else "off"
         grappler = "on" if r.get("grappler", True) else "off"
-        head = f"| {r['precision']} | {xla} | {r['replicas']} | {grappler} |"
+        allocator = r.get("allocator", "tensorflow")
+        head = (
+            f"| {r['precision']} | {xla} | {r['replicas']} | {grappler} "
+            f"| {allocator} |"
+        )
         if r.get("status") != "ok":
             reason = (r.get("error") or "").strip().splitlines() or [""]
             lines.append(f"{head} {r['status']}: {reason[0][:90]} | | | | | |")
@@ -366,7 +389,7 @@ def bench_train(args) -> int:
         results.append(result)
     ratios = grappler_ratios(
         results,
-        ("precision", "xla", "replicas"),
+        ("precision", "xla", "replicas", "allocator"),
         "first_step_seconds",
         "seconds_per_step",
     )

@@ -3,6 +3,7 @@ variants it asks for and the off / on ratios (no TensorFlow work)."""
 
 import pytest
 
+from pipeline import allocator
 from pipeline.bench import search, train
 from pipeline.cli import build_parser
 
@@ -19,6 +20,7 @@ def test_search_runs_grappler_on_by_default():
             "replicas": 1,
             "shared_gradients": True,
             "grappler": True,
+            "allocator": allocator.active(),
         }
     ]
 
@@ -60,8 +62,33 @@ def test_train_grappler_off():
         "train", "--precision", "float32", "--xla", "off", "--grappler", "off"
     )
     assert train.variants(args) == [
-        {"precision": "float32", "xla": False, "replicas": r, "grappler": False}
+        {
+            "precision": "float32",
+            "xla": False,
+            "replicas": r,
+            "grappler": False,
+            "allocator": allocator.active(),
+        }
         for r in (1, 2)
+    ]
+
+
+def test_allocators_are_the_innermost_variants():
+    args = _args(
+        "train",
+        "--precision",
+        "float32",
+        "--xla",
+        "off",
+        "--replicas",
+        "1",
+        "--allocators",
+        "tensorflow",
+        "tcmalloc",
+    )
+    assert [(v["grappler"], v["allocator"]) for v in train.variants(args)] == [
+        (True, "tensorflow"),
+        (True, "tcmalloc"),
     ]
 
 
@@ -109,4 +136,4 @@ def test_ratios_pair_variants_that_differ_only_in_grappler():
     ]
     table = search.markdown_table(results, ratios)
     assert "| off | 1 | 0.30 | 1.00 |" in table
-    assert "| off | 2 | off | on | timeout" in table
+    assert "| off | 2 | off | on | tensorflow | timeout" in table

@@ -1,0 +1,115 @@
+"""`pipeline.allocator`: the memory allocator an `nppnet` process runs with
+(which one is asked for, the environment that puts it in place, and the
+re-execution that applies it)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import allocator
+from pipeline.cli import build_parser
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in (
+        allocator.ENV_CHOICE,
+        allocator.ENV_ACTIVE,
+        "LD_PRELOAD",
+        "TF_ONEDNN_USE_SYSTEM_ALLOCATOR",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def test_requested_default_environment_and_flag(clean_env):
+    assert allocator.requested([]) == allocator.DEFAULT == "tcmalloc"
+    clean_env.setenv(allocator.ENV_CHOICE, "jemalloc")
+    assert allocator.requested(["run"]) == "jemalloc"
+    assert allocator.requested(["--allocator", "tensorflow", "run"]) == (
+        "tensorflow"
+    )
+    assert allocator.requested(["--allocator=tcmalloc", "run"]) == "tcmalloc"
+    # Options after the command belong to the command, not to nppnet.
+    assert allocator.requested(["bench", "--allocator", "tcmalloc"]) == (
+        "jemalloc"
+    )
+
+
+def test_unknown_allocator_names_its_source(clean_env):
+    with pytest.raises(ValueError, match=r"--allocator: unknown allocator 'x'"):
+        allocator.requested(["--allocator", "x", "run"])
+    clean_env.setenv(allocator.ENV_CHOICE, "mimalloc")
+    with pytest.raises(ValueError, match=r"\$NPPNET_ALLOCATOR: .*'mimalloc'"):
+        allocator.requested(["run"])
+
+
+def test_environment_adds_and_removes_only_its_own_settings(clean_env):
+    clean_env.setattr(
+        allocator,
+        "library",
+        lambda choice: {"tcmalloc": "libtc.so", "jemalloc": "libje.so"}.get(
+            choice
+        ),
+    )
+    base = {"LD_PRELOAD": "libuser.so", "PATH": "/bin"}
+    tc = allocator.environment("tcmalloc", base)
+    assert tc["LD_PRELOAD"] == "libtc.so:libuser.so"
+    assert tc["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] == "1"
+    assert tc[allocator.ENV_ACTIVE] == "tcmalloc"
+    je = allocator.environment("jemalloc", tc)
+    assert je["LD_PRELOAD"] == "libje.so:libuser.so"
+    back = allocator.environment("tensorflow", je)
+    assert back["LD_PRELOAD"] == "libuser.so"
+    assert "TF_ONEDNN_USE_SYSTEM_ALLOCATOR" not in back
+    assert back[allocator.ENV_ACTIVE] == "tensorflow"
+    assert back["PATH"] == "/bin"
+    clean_env.setattr(allocator, "library", lambda choice: None)
+    assert allocator.environment("tcmalloc", base) is None
+
+
+def test_missing_library_falls_back_with_a_warning(clean_env, caplog):
+    clean_env.setattr(allocator, "library", lambda choice: None)
+    allocator.use("jemalloc")  # would re-execute if the library existed
+    assert allocator.active() == "tensorflow"
+    assert "jemalloc requested but libjemalloc is not installed" in caplog.text
+
+
+def test_cli_accepts_the_global_option():
+    args = build_parser().parse_args(
+        ["--allocator", "jemalloc", "bench", "model", "--list"]
+    )
+    assert args.allocator == "jemalloc"
+
+
+@pytest.mark.skipif(
+    allocator.library("tcmalloc") is None, reason="tcmalloc not installed"
+)
+def test_use_re_executes_the_same_process_with_the_library(clean_env):
+    """The re-executed process keeps its PID and has tcmalloc mapped."""
+    code = (
+        "import os, sys\n"
+        "from pipeline import allocator\n"
+        "print('pid', os.getpid(), flush=True)\n"
+        "allocator.use('tcmalloc')\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print('mapped', 'libtcmalloc' in maps)\n"
+        "print('active', allocator.active())\n"
+        "print('system', os.environ['TF_ONEDNN_USE_SYSTEM_ALLOCATOR'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ),
+        cwd=os.getcwd(),
+    )
+    lines = done.stdout.split("\n")
+    pids = [line for line in lines if line.startswith("pid")]
+    assert len(pids) == 2 and pids[0] == pids[1]  # printed before and after
+    assert "mapped True" in lines
+    assert "active tcmalloc" in lines
+    assert "system 1" in lines
