@@ -366,6 +366,8 @@ def run_variant(spec: dict) -> dict:
         "model_rss_gib": model_rss,
         "activation_rss_gib": peak - model_rss,
         "load_average": os.getloadavg()[0],
+        # XLA compiler options in force (e.g. its LLVM optimisation level).
+        "xla_flags": os.environ.get("XLA_FLAGS"),
     }
 
 

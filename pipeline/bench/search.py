@@ -301,6 +301,8 @@ def run_variant(
         "build_seconds": round(build_seconds, 1),
         "peak_rss_gib": round(peak, 2),
         "load_average": [round(x, 2) for x in os.getloadavg()],
+        # XLA compiler options in force (e.g. its LLVM optimisation level).
+        "xla_flags": os.environ.get("XLA_FLAGS"),
     }
 
 

@@ -239,6 +239,8 @@ def run_variant(
         "final_loss": float(metrics["loss/total"]),
         "load_average_before": load_before,
         "load_average_after": _load(),
+        # XLA compiler options in force (e.g. its LLVM optimisation level).
+        "xla_flags": os.environ.get("XLA_FLAGS"),
     }
 
 

@@ -88,9 +88,8 @@ def test_streaming_rejects_labels_outside_classes():
         metric.update_state(np.array([[1, 5]]), np.array([[1, 1]]))
 
 
-def test_streaming_sums_over_two_replicas():
-    tf.distribute.MirroredStrategy._collective_key_base += 100000
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_streaming_sums_over_two_replicas(make_mirrored_strategy):
+    strategy = make_mirrored_strategy(["/cpu:0", "/cpu:1"])
     rng = np.random.default_rng(2)
     labels = rng.choice([*range(20), 255], size=(4, 6, 6)).astype(np.int32)
     predictions = rng.integers(0, 20, size=(4, 6, 6)).astype(np.int32)

@@ -113,8 +113,10 @@ def test_bad_sizes_fail_early(kwargs, message):
 
 
 @pytest.mark.slow
-def test_sync_batchnorm_under_mirrored_strategy():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_sync_batchnorm_under_mirrored_strategy(make_mirrored_strategy):
+    # Fresh collective keys: an earlier strategy of this process (e.g.
+    # test_blocks' SyncBatchNorm test) would collide on instance 100.
+    strategy = make_mirrored_strategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         network = NPPNet(
             GENOTYPE, init_channels=8, num_cells=4, sync_batchnorm=True
