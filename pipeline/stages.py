@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline import allocator
 from pipeline.runner import (
     EXIT_DATA_GATE,
     Stage,
@@ -174,7 +175,7 @@ def release_memory(stage: str) -> None:
     before, started = _resident_gib(), time.time()
     keras.backend.clear_session()
     collected = gc.collect()
-    _return_free_memory()
+    allocator.release_free_memory()
     log.info(
         "after %s: %d objects collected in %.1f s; resident memory %.1f -> "
         "%.1f GiB",
@@ -184,17 +185,6 @@ def release_memory(stage: str) -> None:
         before,
         _resident_gib(),
     )
-
-
-def _return_free_memory() -> None:
-    """Hands freed heap back to the OS (glibc keeps it otherwise, so the
-    process looks as big as its largest stage)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _fresh_dir(path: Path, context: StageContext) -> Path:

@@ -98,6 +98,8 @@ def test_use_re_executes_the_same_process_with_the_library(clean_env):
         "print('mapped', 'libtcmalloc' in maps)\n"
         "print('active', allocator.active())\n"
         "print('system', os.environ['TF_ONEDNN_USE_SYSTEM_ALLOCATOR'])\n"
+        "allocator.release_free_memory()  # tcmalloc's own release\n"
+        "print('released')\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
@@ -113,3 +115,8 @@ def test_use_re_executes_the_same_process_with_the_library(clean_env):
     assert "mapped True" in lines
     assert "active tcmalloc" in lines
     assert "system 1" in lines
+    assert "released" in lines
+
+
+def test_release_free_memory_without_a_preload():
+    allocator.release_free_memory()  # glibc only: must not fail
