@@ -48,3 +48,11 @@ def missing_allocator(choice: str) -> dict:
         "status": "unavailable",
         "error": f"allocator {choice}: library not installed",
     }
+
+
+def signal_error(returncode: int, stderr: str | None) -> str:
+    """The error of a child killed by a signal: the signal and the last
+    lines of its stderr (an abort's reason, e.g. an allocation failure)."""
+    tail = [line for line in (stderr or "").strip().splitlines() if line][-3:]
+    reason = f"killed by signal {-returncode}"
+    return f"{reason}: {' | '.join(tail)}" if tail else reason

@@ -42,6 +42,7 @@ from pipeline.bench import (
     allocators,
     child_environment,
     missing_allocator,
+    signal_error,
 )
 
 log = logging.getLogger(__name__)
@@ -210,9 +211,10 @@ def _run_child(
         log.error("%s: no result after %.0f s", variant.name, timeout)
         return {**result, "error": f"timeout after {timeout:.0f} s"}
     lines = [x for x in process.stdout.splitlines() if x.startswith("{")]
-    if process.returncode < 0:  # its stderr holds only start-up noise
-        log.error("%s: killed by signal %d", variant.name, -process.returncode)
-        return {**result, "error": f"killed by signal {-process.returncode}"}
+    if process.returncode < 0:  # an abort or an outside kill
+        error = signal_error(process.returncode, process.stderr)
+        log.error("%s: %s", variant.name, error)
+        return {**result, "error": error}
     if process.returncode != 0 or not lines:
         tail = (process.stderr or process.stdout).strip().splitlines()[-5:]
         log.error("%s failed: %s", variant.name, " | ".join(tail))

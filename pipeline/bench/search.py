@@ -42,6 +42,7 @@ from pipeline.bench import (
     allocators,
     child_environment,
     missing_allocator,
+    signal_error,
 )
 
 log = logging.getLogger(__name__)
@@ -351,11 +352,11 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
             "error": f"no result within {args.timeout:.0f} s",
         }
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode < 0:  # its stderr holds only start-up noise
+    if done.returncode < 0:  # an abort or an outside kill
         return {
             **variant,
             "status": "failed",
-            "error": f"killed by signal {-done.returncode}",
+            "error": signal_error(done.returncode, done.stderr),
             "seconds": round(time.time() - started, 1),
         }
     if done.returncode != 0 or not lines:

@@ -120,3 +120,13 @@ def test_use_re_executes_the_same_process_with_the_library(clean_env):
 
 def test_release_free_memory_without_a_preload():
     allocator.release_free_memory()  # glibc only: must not fail
+
+
+def test_benchmark_children_killed_by_a_signal_keep_their_reason():
+    from pipeline.bench import signal_error
+
+    assert signal_error(-9, "") == "killed by signal 9"
+    stderr = "start-up noise\n\ntcmalloc: allocation failed 4096\n"
+    assert signal_error(-6, stderr) == (
+        "killed by signal 6: start-up noise | tcmalloc: allocation failed 4096"
+    )
