@@ -45,6 +45,8 @@ _LIBRARIES = {
     "tcmalloc": ("tcmalloc_minimal", "tcmalloc"),
     "jemalloc": ("jemalloc",),
 }
+# The other global options of `nppnet` that take a value (pipeline/cli.py).
+_GLOBAL_OPTIONS_WITH_VALUE = ("--log-level",)
 # tcmalloc reports every allocation above 1 GiB on stderr; the supernets'
 # weights and pools make such reports noise.
 _TCMALLOC_QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**40)}
@@ -60,13 +62,18 @@ def requested(argv: list[str] | None = None) -> str:
     """
     argv = sys.argv[1:] if argv is None else argv
     choice, source = os.environ.get(ENV_CHOICE), f"${ENV_CHOICE}"
-    for i, arg in enumerate(argv):
-        if not arg.startswith("-"):
-            break  # the command: later options are the command's own
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        # Global options only: the first other word is the command.
+        arg = argv[i]
         if arg == "--allocator" and i + 1 < len(argv):
             choice, source = argv[i + 1], "--allocator"
+            i += 1
         elif arg.startswith("--allocator="):
             choice, source = arg.split("=", 1)[1], "--allocator"
+        elif arg in _GLOBAL_OPTIONS_WITH_VALUE:
+            i += 1  # its value
+        i += 1
     if choice is None:
         return DEFAULT
     if choice not in CHOICES:
@@ -118,6 +125,9 @@ def environment(choice: str, env: dict[str, str]) -> dict[str, str] | None:
     else:
         env.pop("LD_PRELOAD", None)
     env[ENV_ACTIVE] = choice
+    # A child `nppnet` started with this environment asks for the same
+    # allocator instead of the default (and so does not re-execute).
+    env[ENV_CHOICE] = choice
     return env
 
 

@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import allocator
 from pipeline.bench import (
     add_allocator_argument,
     allocators,
@@ -370,6 +371,7 @@ def run_variant(spec: dict) -> dict:
         "load_average": os.getloadavg()[0],
         # XLA compiler options in force (e.g. its LLVM optimisation level).
         "xla_flags": os.environ.get("XLA_FLAGS"),
+        "allocator": allocator.active(),
     }
 
 

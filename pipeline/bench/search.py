@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import allocator
 from pipeline.bench import (
     add_allocator_argument,
     allocators,
@@ -304,6 +305,7 @@ def run_variant(
         "load_average": [round(x, 2) for x in os.getloadavg()],
         # XLA compiler options in force (e.g. its LLVM optimisation level).
         "xla_flags": os.environ.get("XLA_FLAGS"),
+        "allocator": allocator.active(),
     }
 
 
@@ -367,7 +369,8 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
             "error": f"exit {done.returncode}: {tail}",
             "seconds": round(time.time() - started, 1),
         }
-    return {**json.loads(lines[-1]), "allocator": variant["allocator"]}
+    # The child reports the allocator it actually ran with.
+    return {"allocator": variant["allocator"], **json.loads(lines[-1])}
 
 
 def markdown_table(results: list[dict], ratios: list[dict] = ()) -> str:
@@ -379,10 +382,8 @@ def markdown_table(results: list[dict], ratios: list[dict] = ()) -> str:
         xla = "on" if r["xla"] else "off"
         grappler = "on" if r.get("grappler", True) else "off"
         shared = "on" if r.get("shared_gradients") else "off"
-        allocator = r.get("allocator", "tensorflow")
-        head = (
-            f"| {xla} | {r['replicas']} | {shared} | {grappler} | {allocator} |"
-        )
+        used = r.get("allocator", "tensorflow")
+        head = f"| {xla} | {r['replicas']} | {shared} | {grappler} | {used} |"
         if r.get("status") != "ok":
             reason = (r.get("error") or "").strip().splitlines() or [""]
             lines.append(f"{head} {r['status']}: {reason[-1][:80]} | | | | |")

@@ -42,6 +42,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import allocator
 from pipeline.bench import (
     add_allocator_argument,
     allocators,
@@ -241,6 +242,7 @@ def run_variant(
         "load_average_after": _load(),
         # XLA compiler options in force (e.g. its LLVM optimisation level).
         "xla_flags": os.environ.get("XLA_FLAGS"),
+        "allocator": allocator.active(),
     }
 
 
@@ -296,7 +298,8 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
             "error": f"exit {done.returncode}: {tail}",
             "seconds": round(time.time() - started, 1),
         }
-    return {**json.loads(lines[-1]), "allocator": variant["allocator"]}
+    # The child reports the allocator it actually ran with.
+    return {"allocator": variant["allocator"], **json.loads(lines[-1])}
 
 
 def markdown_table(results: list[dict], ratios: list[dict] = ()) -> str:
@@ -309,10 +312,10 @@ def markdown_table(results: list[dict], ratios: list[dict] = ()) -> str:
     for r in results:
         xla = "on" if r["xla"] else "off"
         grappler = "on" if r.get("grappler", True) else "off"
-        allocator = r.get("allocator", "tensorflow")
+        used = r.get("allocator", "tensorflow")
         head = (
             f"| {r['precision']} | {xla} | {r['replicas']} | {grappler} "
-            f"| {allocator} |"
+            f"| {used} |"
         )
         if r.get("status") != "ok":
             reason = (r.get("error") or "").strip().splitlines() or [""]

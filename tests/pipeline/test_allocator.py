@@ -32,6 +32,10 @@ def test_requested_default_environment_and_flag(clean_env):
         "tensorflow"
     )
     assert allocator.requested(["--allocator=tcmalloc", "run"]) == "tcmalloc"
+    # The value of another global option is not the command.
+    assert allocator.requested(
+        ["--log-level", "WARNING", "--allocator", "tensorflow", "bench"]
+    ) == ("tensorflow")
     # Options after the command belong to the command, not to nppnet.
     assert allocator.requested(["bench", "--allocator", "tcmalloc"]) == (
         "jemalloc"
@@ -59,6 +63,8 @@ def test_environment_adds_and_removes_only_its_own_settings(clean_env):
     assert tc["LD_PRELOAD"] == "libtc.so:libuser.so"
     assert tc["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] == "1"
     assert tc[allocator.ENV_ACTIVE] == "tcmalloc"
+    # A child nppnet started with it asks for tcmalloc: no re-execution.
+    assert tc[allocator.ENV_CHOICE] == "tcmalloc"
     je = allocator.environment("jemalloc", tc)
     assert je["LD_PRELOAD"] == "libje.so:libuser.so"
     back = allocator.environment("tensorflow", je)
