@@ -4,9 +4,9 @@ With oneDNN on (TensorFlow's default on x86 Linux), TensorFlow serves every
 large CPU tensor from its own pool (`MklCPUAllocator`, a best-fit pool that
 never returns memory), and the rest from glibc malloc, which keeps freed
 memory in per-thread arenas. Both hold on to a step's transient tensors:
-the search's weight-and-architecture iteration at the paper size peaks
-about 1.1 GiB higher than with a general-purpose allocator that returns
-freed memory (docs/benchmarks.md, "Memory allocator").
+at the paper sizes the final network's train step peaks 1.0 GiB higher,
+and the search iteration 0.75 GiB higher, than with tcmalloc, which
+returns freed memory (docs/benchmarks.md, "Memory allocator").
 
 `use(choice)` makes the process run with one of:
 
