@@ -4,13 +4,17 @@ and writes its results as JSON (summarised by hand in docs/benchmarks.md).
 Shared here: the memory-allocator dimension of the subprocess benchmarks
 (`search`, `train`, `model`): each variant's child process is started with
 the allocator's environment (`pipeline.allocator`), and its result records
-which one it ran with.
+which one it ran with; and the running of one child (`run_child`), whose
+failures (timeout, abort, exit status) become result fields, not exceptions.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import time
 
 from pipeline import allocator
 
@@ -56,3 +60,42 @@ def signal_error(returncode: int, stderr: str | None) -> str:
     tail = [line for line in (stderr or "").strip().splitlines() if line][-3:]
     reason = f"killed by signal {-returncode}"
     return f"{reason}: {' | '.join(tail)}" if tail else reason
+
+
+def run_child(command: list[str], choice: str, timeout: float) -> dict:
+    """Runs one benchmark child (`command`, allocator `choice`) and returns
+    the last JSON object it printed on stdout, or, when it gave none, a
+    result with `status` ("unavailable", "timeout" or "failed"), `error`
+    (the reason, with the end of the child's stderr) and `seconds`."""
+    env = child_environment(choice)
+    if env is None:
+        return missing_allocator(choice)
+    started = time.time()
+    try:
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {
+            "status": "timeout",
+            "error": f"no result within {timeout:.0f} s",
+            "seconds": round(time.time() - started, 1),
+        }
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode < 0:  # an abort or an outside kill
+        error = signal_error(done.returncode, done.stderr)
+    elif done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        error = f"exit {done.returncode}: {' | '.join(tail)}"
+    else:
+        return json.loads(lines[-1])
+    return {
+        "status": "failed",
+        "error": error,
+        "seconds": round(time.time() - started, 1),
+    }

@@ -32,19 +32,12 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from pipeline import allocator
-from pipeline.bench import (
-    add_allocator_argument,
-    allocators,
-    child_environment,
-    missing_allocator,
-    signal_error,
-)
+from pipeline.bench import add_allocator_argument, allocators, run_child
 
 log = logging.getLogger(__name__)
 
@@ -193,34 +186,16 @@ def _run_child(
             "genotype": genotype,
         }
     )
-    env = child_environment(variant.allocator)
     result = {"variant": variant.name, **dataclasses.asdict(variant)}
-    if env is None:
-        missing = missing_allocator(variant.allocator)
-        log.error("%s: %s", variant.name, missing["error"])
-        return {**result, "error": missing["error"]}
-    try:
-        process = subprocess.run(
-            [sys.executable, "-m", "pipeline.bench.model", spec],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        log.error("%s: no result after %.0f s", variant.name, timeout)
-        return {**result, "error": f"timeout after {timeout:.0f} s"}
-    lines = [x for x in process.stdout.splitlines() if x.startswith("{")]
-    if process.returncode < 0:  # an abort or an outside kill
-        error = signal_error(process.returncode, process.stderr)
-        log.error("%s: %s", variant.name, error)
-        return {**result, "error": error}
-    if process.returncode != 0 or not lines:
-        tail = (process.stderr or process.stdout).strip().splitlines()[-5:]
-        log.error("%s failed: %s", variant.name, " | ".join(tail))
-        return {**result, "error": " | ".join(tail)}
-    return {**result, **json.loads(lines[-1])}
+    outcome = run_child(
+        [sys.executable, "-m", "pipeline.bench.model", spec],
+        variant.allocator,
+        timeout,
+    )
+    if "error" in outcome:
+        log.error("%s: %s", variant.name, outcome["error"])
+        return {**result, **outcome}
+    return {**result, "status": "ok", **outcome}
 
 
 def _machine() -> dict:

@@ -32,19 +32,12 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from pipeline import allocator
-from pipeline.bench import (
-    add_allocator_argument,
-    allocators,
-    child_environment,
-    missing_allocator,
-    signal_error,
-)
+from pipeline.bench import add_allocator_argument, allocators, run_child
 
 log = logging.getLogger(__name__)
 
@@ -335,42 +328,11 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
         variant["allocator"],
         " ".join(command),
     )
-    env = child_environment(variant["allocator"])
-    if env is None:
-        return {**variant, **missing_allocator(variant["allocator"])}
-    started = time.time()
-    try:
-        done = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=args.timeout,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        return {
-            **variant,
-            "status": "timeout",
-            "error": f"no result within {args.timeout:.0f} s",
-        }
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode < 0:  # an abort or an outside kill
-        return {
-            **variant,
-            "status": "failed",
-            "error": signal_error(done.returncode, done.stderr),
-            "seconds": round(time.time() - started, 1),
-        }
-    if done.returncode != 0 or not lines:
-        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-        return {
-            **variant,
-            "status": "failed",
-            "error": f"exit {done.returncode}: {tail}",
-            "seconds": round(time.time() - started, 1),
-        }
+    outcome = run_child(command, variant["allocator"], args.timeout)
+    if "error" in outcome:
+        return {**variant, **outcome}
     # The child reports the allocator it actually ran with.
-    return {"allocator": variant["allocator"], **json.loads(lines[-1])}
+    return {"allocator": variant["allocator"], **outcome}
 
 
 def markdown_table(results: list[dict], ratios: list[dict] = ()) -> str:

@@ -37,18 +37,12 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from pipeline import allocator
-from pipeline.bench import (
-    add_allocator_argument,
-    allocators,
-    child_environment,
-    missing_allocator,
-)
+from pipeline.bench import add_allocator_argument, allocators, run_child
 from pipeline.bench.search import add_grappler_argument, grappler_ratios, on_off
 
 log = logging.getLogger(__name__)
@@ -270,36 +264,13 @@ def _run_subprocess(variant: dict, args, sizes: dict) -> dict:
         "on" if variant["grappler"] else "off",
         variant["allocator"],
     )
-    env = child_environment(variant["allocator"])
-    if env is None:
-        return {**variant, **missing_allocator(variant["allocator"])}
-    started = time.time()
-    try:
-        done = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=args.timeout,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        return {
-            **variant,
-            "status": "timeout",
-            "error": f"no result within {args.timeout:.0f} s",
-            "load_average_after": _load(),
-        }
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-        return {
-            **variant,
-            "status": "failed",
-            "error": f"exit {done.returncode}: {tail}",
-            "seconds": round(time.time() - started, 1),
-        }
+    outcome = run_child(command, variant["allocator"], args.timeout)
+    if outcome.get("status") == "timeout":
+        outcome["load_average_after"] = _load()
+    if "error" in outcome:
+        return {**variant, **outcome}
     # The child reports the allocator it actually ran with.
-    return {"allocator": variant["allocator"], **json.loads(lines[-1])}
+    return {"allocator": variant["allocator"], **outcome}
 
 
 def markdown_table(results: list[dict], ratios: list[dict] = ()) -> str:

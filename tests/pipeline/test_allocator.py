@@ -136,3 +136,38 @@ def test_benchmark_children_killed_by_a_signal_keep_their_reason():
     assert signal_error(-6, stderr) == (
         "killed by signal 6: start-up noise | tcmalloc: allocation failed 4096"
     )
+
+
+def _child(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_benchmark_child_result_is_its_last_json_line():
+    from pipeline.bench import run_child
+
+    code = "print('noise'); print('{\"a\": 1}'); print('{\"a\": 2}')"
+    assert run_child(_child(code), "tensorflow", timeout=60) == {"a": 2}
+
+
+def test_benchmark_child_failures_become_result_fields():
+    from pipeline.bench import run_child
+
+    abort = "import os, sys; sys.stderr.write('heap corrupted\\n'); " + (
+        "sys.stderr.flush(); os.abort()"
+    )
+    aborted = run_child(_child(abort), "tensorflow", timeout=60)
+    assert aborted["status"] == "failed"
+    assert aborted["error"] == "killed by signal 6: heap corrupted"
+
+    exited = run_child(
+        _child("import sys; sys.exit('no such variant')"), "tensorflow", 60
+    )
+    assert exited["status"] == "failed"
+    assert exited["error"] == "exit 1: no such variant"
+
+    silent = run_child(_child("print('not json')"), "tensorflow", 60)
+    assert silent["error"] == "exit 0: not json"
+
+    slow = run_child(_child("import time; time.sleep(30)"), "tensorflow", 1)
+    assert slow["status"] == "timeout"
+    assert slow["error"] == "no result within 1 s"
