@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    log.debug("memory allocator: %s", allocator.describe())
+    if log.isEnabledFor(logging.DEBUG):  # describe() looks for libraries
+        log.debug("memory allocator: %s", allocator.describe())
     try:
         code = args.handler(args)
     except KeyboardInterrupt:
