@@ -103,7 +103,11 @@ class PaddedConv2D(keras.layers.Layer):
     Keras "same"; at stride 2 the input is padded explicitly and convolved
     "valid". TF refuses a stride above 1 together with a dilation above 1;
     such a conv is evaluated at stride 1 and every second row and column is
-    kept, starting at index 0, which is exactly the strided result.
+    kept, starting at index 0, which is exactly the strided result. A strided
+    1x1 conv subsamples its input first and convolves at stride 1 (the same
+    result, without the discarded work): TensorFlow 2.16's oneDNN kernel for
+    the filter gradient of a strided 1x1 conv crashes the process on some
+    shapes (batch 2, 64 x 64 x 8, docs/deviations.md).
 
     Args:
         filters: int. Output channels (ignored when `depthwise`).
@@ -144,10 +148,14 @@ class PaddedConv2D(keras.layers.Layer):
         self.use_bias = use_bias
         self.depthwise = depthwise
         strided = strides != (1, 1)
-        self._subsample = strided and dilation > 1
-        self._explicit_pad = strided and dilation == 1
+        pointwise = kernel == (1, 1)
+        # Rows and columns 0, s, 2s, ... are the only ones a strided conv
+        # reads (1x1) or keeps (dilated): take them before or after.
+        self._presample = strided and pointwise
+        self._subsample = strided and dilation > 1 and not pointwise
+        self._explicit_pad = strided and dilation == 1 and not pointwise
         self._padding = [(k - 1) // 2 * dilation for k in kernel]
-        self._conv_strides = (1, 1) if self._subsample else strides
+        self._conv_strides = strides if self._explicit_pad else (1, 1)
         self._conv_padding = "valid" if self._explicit_pad else "same"
 
     def build(self, input_shape):
@@ -170,6 +178,8 @@ class PaddedConv2D(keras.layers.Layer):
 
     def call(self, inputs):
         x = inputs
+        if self._presample:
+            x = x[:, :: self.stride[0], :: self.stride[1], :]
         if self._explicit_pad:
             pad_h, pad_w = self._padding
             x = ops.pad(x, [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]])

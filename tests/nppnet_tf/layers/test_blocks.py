@@ -1,5 +1,9 @@
 """Padding, initialisation and preprocessing blocks (reference 0.2-0.6, 1.3)."""
 
+import subprocess
+import sys
+import textwrap
+
 import keras
 import numpy as np
 import pytest
@@ -42,6 +46,7 @@ def reference_conv(x, kernel, stride, dilation, depthwise=False):
         (3, 2, 1, False, 8),  # Keras "same" would pad bottom/right only
         (3, 2, 1, False, 7),
         (1, 2, 1, False, 8),
+        (1, 2, 1, False, 7),
         (3, 1, 2, False, 6),
         (3, 2, 2, True, 8),  # strided dilated depthwise (reference 0.4)
         (3, 2, 4, True, 10),
@@ -66,6 +71,48 @@ def test_padded_conv_matches_pytorch_padding(
         ]
     assert y.shape == expected.shape
     np.testing.assert_allclose(y, expected, atol=1e-4)
+
+
+STRIDED_POINTWISE_GRADIENT = textwrap.dedent(
+    """
+    import tensorflow as tf
+    from nppnet_tf.layers.blocks import PaddedConv2D
+
+    conv = PaddedConv2D(8, 1, 2)
+    x = tf.random.stateless_normal((2, 64, 64, 8), seed=(0, 0))
+    conv.build(x.shape)
+
+    @tf.function
+    def gradient(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(conv(tf.nn.relu(x))))
+        return tape.gradient(loss, conv.kernel)
+
+    ops = {
+        op.type: op.get_attr("strides")
+        for op in gradient.get_concrete_function(x).graph.get_operations()
+        if op.type.startswith("Conv2D")
+    }
+    print(sorted(ops.items()), float(tf.reduce_sum(gradient(x))))
+    """
+)
+
+
+def test_strided_pointwise_conv_avoids_the_crashing_onednn_kernel():
+    # TensorFlow 2.16's oneDNN filter gradient of a 1x1 stride-2 conv
+    # segfaults on this shape (the encoder-decoder supernet at C = 32 has
+    # it); the layer subsamples first and convolves at stride 1. In a child
+    # process: the old code takes the whole test session down with it.
+    done = subprocess.run(
+        [sys.executable, "-c", STRIDED_POINTWISE_GRADIENT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[1, 2, 2, 1]" not in done.stdout  # no strided conv left
+    assert "Conv2DBackpropFilter" in done.stdout
 
 
 def test_padded_conv_contract_and_bias(tmp_path):
