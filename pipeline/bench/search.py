@@ -3,8 +3,9 @@
 One search iteration is what the search loop runs per step after the
 warm-up: a weight step and an architecture step (`BilevelSearch.iteration`,
 first order, entropy term on), on the interaction supernet at the authors'
-search width (C = 32, 16 cells, the authors' fixed cells), global batch 2
-at 256 x 256, random data, on the CPU. Each variant (XLA off/on x 1 and 2
+search width (C = 32, 16 cells, the authors' fixed cells; `--supernet
+encoder-decoder`: our encoder-decoder supernet, same width), global batch
+2 at 256 x 256, random data, on the CPU. Each variant (XLA off/on x 1 and 2
 replicas; two replicas are two logical devices of the one CPU) runs in a
 fresh subprocess, so device set-up and peak memory (`ru_maxrss`) are its
 own. Reported: the median of the timed iterations after `--warmup`
@@ -43,8 +44,18 @@ log = logging.getLogger(__name__)
 
 AUTHORS_SECONDS_PER_ITERATION = 26.0
 AUTHORS_PEAK_GIB = 6.8
-FULL = dict(init_channels=32, layers=16, image_size=256, batch_size=2)
-QUICK = dict(init_channels=8, layers=4, image_size=64, batch_size=2)
+# partial_channels: the encoder-decoder supernet's K (configs/lip.yaml,
+# configs/demo.yaml: C = 8 needs 2).
+FULL = dict(
+    init_channels=32,
+    layers=16,
+    image_size=256,
+    batch_size=2,
+    partial_channels=4,
+)
+QUICK = dict(
+    init_channels=8, layers=4, image_size=64, batch_size=2, partial_channels=2
+)
 
 
 def register(subparsers) -> None:
@@ -64,6 +75,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--iterations", type=int, default=None, help="timed iterations (5)"
+    )
+    parser.add_argument(
+        "--supernet",
+        choices=["interaction", "encoder-decoder"],
+        default="interaction",
+        help="the search stage's supernet (the authors timed interaction)",
     )
     parser.add_argument(
         "--warmup",
@@ -186,6 +203,9 @@ def variants(args: argparse.Namespace) -> list[dict]:
                                 "shared_gradients": shared,
                                 "grappler": grappler,
                                 "allocator": choice,
+                                "supernet": getattr(
+                                    args, "supernet", "interaction"
+                                ),
                             }
                         )
     return found
@@ -199,6 +219,7 @@ def run_variant(
     warmup: int,
     grappler: bool = True,
     shared_gradients: bool = False,
+    supernet: str = "interaction",
 ) -> dict:
     """Times one variant in this process (call before any TensorFlow op).
 
@@ -219,6 +240,9 @@ def run_variant(
     import tensorflow as tf
 
     from nppnet_tf.config import LossConfig, SearchConfig
+    from nppnet_tf.models.encoder_decoder_supernet import (
+        EncoderDecoderSupernet,
+    )
     from nppnet_tf.models.interaction_supernet import InteractionSupernet
     from nppnet_tf.search.bilevel import BilevelSearch
     from nppnet_tf.search.genotype import Genotype
@@ -229,13 +253,20 @@ def run_variant(
     strategy = tf.distribute.MirroredStrategy(devices)
     started = time.perf_counter()
     with strategy.scope():
-        model = InteractionSupernet(
-            Genotype.load(authors_genotype_path()),
+        # As the search loop builds them.
+        common = dict(
             init_channels=sizes["init_channels"],
             num_cells=sizes["layers"],
-            # As the search loop builds it.
             sync_batchnorm=synchronise_batchnorm(True),
         )
+        if supernet == "encoder-decoder":
+            model = EncoderDecoderSupernet(
+                partial_channels=sizes["partial_channels"], **common
+            )
+        else:
+            model = InteractionSupernet(
+                Genotype.load(authors_genotype_path()), **common
+            )
         model.build((None, size, size, 3))
         loss = NPPNetLoss(LossConfig())
         search = BilevelSearch(
@@ -285,6 +316,7 @@ def run_variant(
     timed = times[1 + warmup :]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {
+        "supernet": supernet,
         "xla": xla,
         "replicas": replicas,
         "shared_gradients": shared_gradients,
@@ -395,10 +427,12 @@ def bench_search(args) -> int:
                 args.warmup,
                 variant.get("grappler", True),
                 variant.get("shared_gradients", False),
+                variant.get("supernet", "interaction"),
             )
         except Exception as err:  # reported as this variant's result
             log.exception("variant failed")
             result = {
+                "supernet": variant.get("supernet", "interaction"),
                 "xla": variant["xla"],
                 "replicas": variant["replicas"],
                 "shared_gradients": variant.get("shared_gradients", False),
@@ -436,7 +470,9 @@ def bench_search(args) -> int:
             "tensorflow": tf.__version__,
         },
         "model": {
-            "supernet": "InteractionSupernet (authors' cells)",
+            "supernet": "InteractionSupernet (authors' cells)"
+            if args.supernet == "interaction"
+            else "EncoderDecoderSupernet",
             **sizes,
             "iteration": "weight step + architecture step, first order, "
             "entropy on; BatchNorm synchronised when replicas > 1",

@@ -21,8 +21,22 @@ def test_search_runs_grappler_on_by_default():
             "shared_gradients": True,
             "grappler": True,
             "allocator": allocator.active(),
+            "supernet": "interaction",
         }
     ]
+
+
+def test_search_times_the_encoder_decoder_supernet_on_request():
+    args = _args(
+        "search",
+        "--xla",
+        "off",
+        "--replicas",
+        "1",
+        "--supernet",
+        "encoder-decoder",
+    )
+    assert [v["supernet"] for v in search.variants(args)] == ["encoder-decoder"]
 
 
 def test_search_shares_gradients_only_on_one_replica():
