@@ -106,7 +106,9 @@ def register(subparsers) -> None:
         parser,
         "--shared-gradients",
         "search.shared_gradients variants (one traced function for both "
-        "steps); run on one replica only, 2-replica variants run without",
+        "steps); run on one replica only, 2-replica variants run without; "
+        "off is configs/lip.yaml's setting, on the demo's",
+        default="off",
     )
     add_allocator_argument(parser)
     parser.add_argument(
@@ -122,11 +124,14 @@ def register(subparsers) -> None:
 
 
 def add_on_off_argument(
-    parser: argparse.ArgumentParser, flag: str, help: str
+    parser: argparse.ArgumentParser, flag: str, help: str, default: str = "on"
 ) -> None:
-    """A `FLAG on|off|both` option, default on; `on_off` reads it."""
+    """A `FLAG on|off|both` option; `on_off` reads it."""
     parser.add_argument(
-        flag, choices=["on", "off", "both"], default="on", help=help
+        flag,
+        choices=["on", "off", "both"],
+        default=default,
+        help=f"{help} (default {default})",
     )
 
 
