@@ -167,6 +167,13 @@ class BilevelSearch:
                 f"{type(model).__name__} has no architecture parameters "
                 "(a derived network?); the search needs a supernet"
             )
+        if config.jit_compile and getattr(model, "sync_batchnorm", False):
+            raise ValueError(
+                "search.jit_compile cannot compile synchronised BatchNorm "
+                "(its all-reduce is a cross-replica call inside the compiled "
+                f"pass; {type(model).__name__} has sync_batchnorm=True): set "
+                "distribute.sync_batchnorm: false or search.jit_compile: false"
+            )
         self.network_variables = list(model.network_variables())
         if lambda_variables is None:
             lambda_variables = loss.uncertainty.trainable_variables
@@ -198,6 +205,8 @@ class BilevelSearch:
             self.lambda_optimizer.build(self.lambda_variables)
             self.architecture_optimizer.build(self.architecture_variables)
         self._functions: dict[str, Any] = {}
+        # XLA-compiled gradient passes, by variable list (`_forward`).
+        self._compiled: dict[tuple, Any] = {}
         self._batch_spec = None
 
     # ------------------------------------------------------------ plumbing
@@ -253,18 +262,32 @@ class BilevelSearch:
         """Loss terms and gradients of one replica batch.
 
         With `entropy_weight` the objective is the architecture loss
-        `scale * (L + entropy_weight * E)`, else the weight loss `L`.
+        `scale * (L + entropy_weight * E)`, else the weight loss `L`. With
+        `search.jit_compile` the pass is one XLA cluster per variable list
+        (the variables are captured, not passed: a traced function cannot
+        take Keras variables as arguments).
         """
-        gradient_fn = self._gradient_function()
-        return gradient_fn(images, targets, variables, entropy_weight)
+        if not self.config.jit_compile:
+            return self._gradients(images, targets, variables, entropy_weight)
+        key = ("xla", tuple(id(v) for v in variables), entropy_weight is None)
+        if key not in self._compiled:
+            if entropy_weight is None:
 
-    def _gradient_function(self):
-        if "gradients" not in self._functions:
-            function = self._gradients
-            if self.config.jit_compile:
-                function = tf.function(function, jit_compile=True)
-            self._functions["gradients"] = function
-        return self._functions["gradients"]
+                def compiled(images, targets):
+                    return self._gradients(images, targets, variables, None)
+
+            else:
+
+                def compiled(images, targets, entropy_weight):
+                    return self._gradients(
+                        images, targets, variables, entropy_weight
+                    )
+
+            self._compiled[key] = tf.function(compiled, jit_compile=True)
+        arguments = (images, targets)
+        if entropy_weight is not None:
+            arguments += (entropy_weight,)
+        return self._compiled[key](*arguments)
 
     def _gradients(self, images, targets, variables, entropy_weight):
         with tf.GradientTape() as tape:

@@ -472,3 +472,41 @@ def test_shared_gradients_give_the_same_search(make_mirrored_strategy, devices):
         ), key
     for a, b in zip(separate, together):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_xla_search_iteration_matches_the_graph_one(make_mirrored_strategy):
+    """`search.jit_compile`: the weight and architecture passes compiled by
+    XLA give the same updates as without (the variable lists are captured
+    by the compiled functions, which cannot take Keras variables)."""
+    batches = (_batch(50), _batch(51))
+    results = {}
+    for jit in (False, True):
+        strategy = make_mirrored_strategy(ONE_DEVICE)
+        with strategy.scope():  # one replica: fused BatchNorm, as the search
+            keras.utils.set_random_seed(0)
+            model = build_toy(batchnorm=True, sync_batchnorm=False)
+            loss = NPPNetLoss(LossConfig(ohem_min_kept=500))
+            bilevel = BilevelSearch(
+                model, loss, SearchConfig(jit_compile=jit), strategy
+            )
+        weights = _distributed(strategy, [batches[0]])
+        architecture = _distributed(strategy, [batches[1]])
+        metrics = bilevel.iteration(next(weights), next(architecture), 2.0)
+        results[jit] = (
+            _values(bilevel.architecture_variables + bilevel.network_variables),
+            {k: float(v) for k, v in metrics.items()},
+        )
+        if jit:
+            assert len(bilevel._compiled) == 2  # weight and architecture
+    (plain, plain_metrics), (xla, xla_metrics) = results[False], results[True]
+    for key in plain_metrics:
+        assert xla_metrics[key] == pytest.approx(
+            plain_metrics[key], rel=1e-4, abs=1e-5
+        ), key
+    for a, b in zip(plain, xla):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_xla_refuses_synchronised_batchnorm(make_mirrored_strategy):
+    with pytest.raises(ValueError, match="sync_batchnorm=True"):
+        _setup(make_mirrored_strategy(ONE_DEVICE), jit_compile=True)

@@ -78,6 +78,7 @@ class ToySupernet(keras.Model):
     ):
         super().__init__(**kwargs)
         self.channels = channels
+        self.sync_batchnorm = sync_batchnorm and batchnorm
         self.architecture = {}
         for name, sizes, primitives in spaces:
             self.architecture[name] = ArchitectureWeights(
