@@ -269,25 +269,18 @@ class BilevelSearch:
         """
         if not self.config.jit_compile:
             return self._gradients(images, targets, variables, entropy_weight)
-        key = ("xla", tuple(id(v) for v in variables), entropy_weight is None)
+        key = tuple(id(v) for v in variables)
         if key not in self._compiled:
-            if entropy_weight is None:
 
-                def compiled(images, targets):
-                    return self._gradients(images, targets, variables, None)
+            def compiled(images, targets, entropy_weight):
+                return self._gradients(
+                    images, targets, variables, entropy_weight
+                )
 
-            else:
-
-                def compiled(images, targets, entropy_weight):
-                    return self._gradients(
-                        images, targets, variables, entropy_weight
-                    )
-
+            # A None entropy weight (the weight pass) is a Python constant
+            # of its own trace.
             self._compiled[key] = tf.function(compiled, jit_compile=True)
-        arguments = (images, targets)
-        if entropy_weight is not None:
-            arguments += (entropy_weight,)
-        return self._compiled[key](*arguments)
+        return self._compiled[key](images, targets, entropy_weight)
 
     def _gradients(self, images, targets, variables, entropy_weight):
         with tf.GradientTape() as tape:

@@ -47,10 +47,12 @@ def _distributed(strategy, batches):
     return iter(strategy.experimental_distribute_dataset(dataset))
 
 
-def _setup(strategy, loss_config=None, batchnorm=True, **search):
+def _setup(
+    strategy, loss_config=None, batchnorm=True, sync_batchnorm=True, **search
+):
     with strategy.scope():
         keras.utils.set_random_seed(0)
-        model = build_toy(batchnorm=batchnorm, sync_batchnorm=True)
+        model = build_toy(batchnorm=batchnorm, sync_batchnorm=sync_batchnorm)
         loss = NPPNetLoss(loss_config or LossConfig(ohem_min_kept=500))
         bilevel = BilevelSearch(model, loss, SearchConfig(**search), strategy)
     return model, loss, bilevel
@@ -482,13 +484,8 @@ def test_xla_search_iteration_matches_the_graph_one(make_mirrored_strategy):
     results = {}
     for jit in (False, True):
         strategy = make_mirrored_strategy(ONE_DEVICE)
-        with strategy.scope():  # one replica: fused BatchNorm, as the search
-            keras.utils.set_random_seed(0)
-            model = build_toy(batchnorm=True, sync_batchnorm=False)
-            loss = NPPNetLoss(LossConfig(ohem_min_kept=500))
-            bilevel = BilevelSearch(
-                model, loss, SearchConfig(jit_compile=jit), strategy
-            )
+        # One replica: fused BatchNorm, as the search builds it.
+        _, _, bilevel = _setup(strategy, sync_batchnorm=False, jit_compile=jit)
         weights = _distributed(strategy, [batches[0]])
         architecture = _distributed(strategy, [batches[1]])
         metrics = bilevel.iteration(next(weights), next(architecture), 2.0)
