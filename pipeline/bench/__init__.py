@@ -5,7 +5,8 @@ Shared here: the memory-allocator dimension of the subprocess benchmarks
 (`search`, `train`, `model`): each variant's child process is started with
 the allocator's environment (`pipeline.allocator`), and its result records
 which one it ran with; and the running of one child (`run_child`), whose
-failures (timeout, abort, exit status) become result fields, not exceptions.
+failures (timeout, abort, exit status) become result fields, not exceptions,
+with the peak resident memory the child reached before it failed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
+import threading
 import time
 
 from pipeline import allocator
@@ -59,43 +62,91 @@ def signal_error(returncode: int, stderr: str | None) -> str:
     lines of its stderr (an abort's reason, e.g. an allocation failure)."""
     tail = [line for line in (stderr or "").strip().splitlines() if line][-3:]
     reason = f"killed by signal {-returncode}"
+    if -returncode == signal.SIGKILL:  # no stderr of its own: say who does it
+        reason += " (SIGKILL: the kernel's out-of-memory killer, or by hand)"
     return f"{reason}: {' | '.join(tail)}" if tail else reason
+
+
+class _PeakMemory(threading.Thread):
+    """Follows a running child's peak resident memory (`VmHWM` of
+    /proc/PID/status, Linux) until it exits, so that a child that dies
+    (killed for memory, aborted, timed out) still leaves its peak: the
+    child's own report is lost with it."""
+
+    def __init__(self, pid: int, period: float = 0.2):
+        super().__init__(daemon=True)
+        self.path = f"/proc/{pid}/status"
+        self.period = period
+        self.peak_kib = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                with open(self.path) as status:
+                    for line in status:
+                        if line.startswith("VmHWM:"):
+                            kib = int(line.split()[1])
+                            self.peak_kib = max(self.peak_kib, kib)
+                            break
+            except (OSError, ValueError):  # gone, or not Linux
+                return
+            self.done.wait(self.period)
+
+    def gib(self) -> float | None:
+        return round(self.peak_kib / 2**20, 3) if self.peak_kib else None
+
+
+def peak_at_failure(result: dict) -> str:
+    """A failed variant's peak-memory table cell: the peak its child
+    reached before it failed, where it was seen."""
+    seen = result.get("peak_rss_gib_seen")
+    return f"{seen:.2f} (at failure)" if seen else ""
 
 
 def run_child(command: list[str], choice: str, timeout: float) -> dict:
     """Runs one benchmark child (`command`, allocator `choice`) and returns
     the last JSON object it printed on stdout, or, when it gave none, a
     result with `status` ("unavailable", "timeout" or "failed"), `error`
-    (the reason, with the end of the child's stderr) and `seconds`."""
+    (the reason, with the end of the child's stderr), `seconds` and
+    `peak_rss_gib_seen` (the child's peak resident memory as last sampled,
+    None where /proc cannot tell)."""
     env = child_environment(choice)
     if env is None:
         return missing_allocator(choice)
     started = time.time()
-    try:
-        done = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return {
-            "status": "timeout",
-            "error": f"no result within {timeout:.0f} s",
-            "seconds": round(time.time() - started, 1),
-        }
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode < 0:  # an abort or an outside kill
-        error = signal_error(done.returncode, done.stderr)
-    elif done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-        error = f"exit {done.returncode}: {' | '.join(tail)}"
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as child:
+        memory = _PeakMemory(child.pid)
+        memory.start()
+        try:
+            stdout, stderr = child.communicate(timeout=timeout)
+            error = None
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            error = f"no result within {timeout:.0f} s"
+        finally:
+            memory.done.set()
+            memory.join()
+    failure = {
+        "status": "timeout" if error else "failed",
+        "seconds": round(time.time() - started, 1),
+        "peak_rss_gib_seen": memory.gib(),
+    }
+    if error:
+        return {**failure, "error": error}
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if child.returncode < 0:  # an abort or an outside kill
+        error = signal_error(child.returncode, stderr)
+    elif child.returncode != 0 or not lines:
+        tail = (stderr or stdout).strip().splitlines()[-5:]
+        error = f"exit {child.returncode}: {' | '.join(tail)}"
     else:
         return json.loads(lines[-1])
-    return {
-        "status": "failed",
-        "error": error,
-        "seconds": round(time.time() - started, 1),
-    }
+    return {**failure, "error": error}

@@ -37,7 +37,12 @@ import time
 from pathlib import Path
 
 from pipeline import allocator
-from pipeline.bench import add_allocator_argument, allocators, run_child
+from pipeline.bench import (
+    add_allocator_argument,
+    allocators,
+    peak_at_failure,
+    run_child,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +218,8 @@ def _machine() -> dict:
 
 def _describe(result: dict) -> str:
     if "error" in result:
-        return "failed"
+        seen = result.get("peak_rss_gib_seen")
+        return f"failed, peak {seen:.2f} GiB seen" if seen else "failed"
     return (
         f"median {result['median_seconds']:.2f} s, peak "
         f"{result['peak_rss_gib']:.2f} GiB"
@@ -232,7 +238,7 @@ def format_table(results: list[dict]) -> str:
         xla = "on" if r["xla"] else "off"
         head = f"| {name} | {xla} | {r.get('allocator', 'tensorflow')} |"
         if "error" in r:
-            lines.append(f"{head} {r['error']} | | | | |")
+            lines.append(f"{head} {r['error']} | | | {peak_at_failure(r)} | |")
             continue
         lines.append(
             f"{head} {r['median_seconds']:.2f} | "

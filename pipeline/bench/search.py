@@ -38,7 +38,12 @@ import time
 from pathlib import Path
 
 from pipeline import allocator
-from pipeline.bench import add_allocator_argument, allocators, run_child
+from pipeline.bench import (
+    add_allocator_argument,
+    allocators,
+    peak_at_failure,
+    run_child,
+)
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +390,10 @@ def markdown_table(results: list[dict], ratios: list[dict] = ()) -> str:
         head = f"| {xla} | {r['replicas']} | {shared} | {grappler} | {used} |"
         if r.get("status") != "ok":
             reason = (r.get("error") or "").strip().splitlines() or [""]
-            lines.append(f"{head} {r['status']}: {reason[-1][:80]} | | | | |")
+            lines.append(
+                f"{head} {r['status']}: {reason[-1][:80]} | | | "
+                f"{peak_at_failure(r)} | |"
+            )
             continue
         lines.append(
             f"{head} {r['seconds_per_iteration']:.2f} | "

@@ -42,7 +42,12 @@ import time
 from pathlib import Path
 
 from pipeline import allocator
-from pipeline.bench import add_allocator_argument, allocators, run_child
+from pipeline.bench import (
+    add_allocator_argument,
+    allocators,
+    peak_at_failure,
+    run_child,
+)
 from pipeline.bench.search import add_grappler_argument, grappler_ratios, on_off
 
 log = logging.getLogger(__name__)
@@ -290,7 +295,10 @@ def markdown_table(results: list[dict], ratios: list[dict] = ()) -> str:
         )
         if r.get("status") != "ok":
             reason = (r.get("error") or "").strip().splitlines() or [""]
-            lines.append(f"{head} {r['status']}: {reason[0][:90]} | | | | | |")
+            lines.append(
+                f"{head} {r['status']}: {reason[0][:90]} | | | | "
+                f"{peak_at_failure(r)} | |"
+            )
             continue
         loads = " / ".join(
             f"{r[key][0]:.1f}"

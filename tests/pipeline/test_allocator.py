@@ -131,7 +131,10 @@ def test_release_free_memory_without_a_preload():
 def test_benchmark_children_killed_by_a_signal_keep_their_reason():
     from pipeline.bench import signal_error
 
-    assert signal_error(-9, "") == "killed by signal 9"
+    assert signal_error(-9, "") == (
+        "killed by signal 9 (SIGKILL: the kernel's out-of-memory killer, "
+        "or by hand)"
+    )
     stderr = "start-up noise\n\ntcmalloc: allocation failed 4096\n"
     assert signal_error(-6, stderr) == (
         "killed by signal 6: start-up noise | tcmalloc: allocation failed 4096"
@@ -171,3 +174,46 @@ def test_benchmark_child_failures_become_result_fields():
     slow = run_child(_child("import time; time.sleep(30)"), "tensorflow", 1)
     assert slow["status"] == "timeout"
     assert slow["error"] == "no result within 1 s"
+
+
+def test_a_killed_benchmark_child_leaves_its_peak_memory():
+    from pipeline.bench import peak_at_failure, run_child
+
+    # 256 MiB touched page by page, then the SIGKILL the OOM killer would send
+    code = (
+        "import os, signal, time; block = bytearray(256 * 2**20); "
+        "time.sleep(1.0); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    killed = run_child(_child(code), "tensorflow", timeout=60)
+    assert killed["status"] == "failed"
+    assert killed["error"].startswith(
+        "killed by signal 9 (SIGKILL: the kernel's out-of-memory killer"
+    )
+    assert 0.25 <= killed["peak_rss_gib_seen"] < 1.0
+    assert peak_at_failure(killed) == (
+        f"{killed['peak_rss_gib_seen']:.2f} (at failure)"
+    )
+
+    slow = "block = bytearray(128 * 2**20); import time; time.sleep(30)"
+    stopped = run_child(_child(slow), "tensorflow", timeout=2)
+    assert stopped["status"] == "timeout"
+    assert stopped["peak_rss_gib_seen"] >= 0.125
+
+
+def test_failed_model_variants_show_their_peak_in_the_table():
+    from pipeline.bench import model
+
+    failed = {
+        "variant": "encoder-decoder-train-b2-256-xla",
+        "xla": True,
+        "allocator": "tcmalloc",
+        "status": "failed",
+        "error": "killed by signal 9",
+        "peak_rss_gib_seen": 22.94,
+    }
+    table = model.format_table([failed])
+    assert table.splitlines()[-1] == (
+        "| encoder-decoder-train-b2-256 | on | tcmalloc | killed by signal 9 "
+        "| | | 22.94 (at failure) | |"
+    )
+    assert model._describe(failed) == "failed, peak 22.94 GiB seen"
