@@ -59,11 +59,15 @@ def missing_allocator(choice: str) -> dict:
 
 def signal_error(returncode: int, stderr: str | None) -> str:
     """The error of a child killed by a signal: the signal and the last
-    lines of its stderr (an abort's reason, e.g. an allocation failure)."""
-    tail = [line for line in (stderr or "").strip().splitlines() if line][-3:]
+    lines of its stderr (an abort's reason, e.g. an allocation failure).
+    A SIGKILL leaves the child no last words (its stderr ends with whatever
+    it logged before), so the error says who sends one instead."""
     reason = f"killed by signal {-returncode}"
-    if -returncode == signal.SIGKILL:  # no stderr of its own: say who does it
-        reason += " (SIGKILL: the kernel's out-of-memory killer, or by hand)"
+    if -returncode == signal.SIGKILL:
+        return (
+            reason + " (SIGKILL: the kernel's out-of-memory killer, or by hand)"
+        )
+    tail = [line for line in (stderr or "").strip().splitlines() if line][-3:]
     return f"{reason}: {' | '.join(tail)}" if tail else reason
 
 
