@@ -71,34 +71,39 @@ def signal_error(returncode: int, stderr: str | None) -> str:
     return f"{reason}: {' | '.join(tail)}" if tail else reason
 
 
+def status_gib(key: str, pid: int | str = "self") -> float:
+    """A memory line of /proc/PID/status (Linux) in GiB: `VmRSS` (resident
+    now) or `VmHWM` (the peak resident so far)."""
+    path = f"/proc/{pid}/status"
+    with open(path) as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 2**20
+    raise OSError(f"{key} not in {path}")
+
+
 class _PeakMemory(threading.Thread):
-    """Follows a running child's peak resident memory (`VmHWM` of
-    /proc/PID/status, Linux) until it exits, so that a child that dies
-    (killed for memory, aborted, timed out) still leaves its peak: the
-    child's own report is lost with it."""
+    """Follows a running child's peak resident memory (`VmHWM`) until it
+    exits, so that a child that dies (killed for memory, aborted, timed
+    out) still leaves its peak: the child's own report is lost with it."""
 
     def __init__(self, pid: int, period: float = 0.2):
         super().__init__(daemon=True)
-        self.path = f"/proc/{pid}/status"
+        self.pid = pid
         self.period = period
-        self.peak_kib = 0
+        self.peak_gib: float | None = None
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
-            try:
-                with open(self.path) as status:
-                    for line in status:
-                        if line.startswith("VmHWM:"):
-                            kib = int(line.split()[1])
-                            self.peak_kib = max(self.peak_kib, kib)
-                            break
+            try:  # VmHWM only grows: the last reading is the peak
+                self.peak_gib = status_gib("VmHWM", self.pid)
             except (OSError, ValueError):  # gone, or not Linux
                 return
             self.done.wait(self.period)
 
     def gib(self) -> float | None:
-        return round(self.peak_kib / 2**20, 3) if self.peak_kib else None
+        return round(self.peak_gib, 3) if self.peak_gib else None
 
 
 def peak_at_failure(result: dict) -> str:

@@ -14,7 +14,7 @@ random targets), backward, Adam update, inside one `tf.function`. Inference
 is the forward in inference mode. The first two calls (tracing, XLA
 compilation) are timed separately and excluded; the reported time is the
 median of `--repeats` further calls. Peak memory is the child's peak RSS
-(`ru_maxrss`), also given minus the RSS after building the model.
+(`VmHWM`), also given minus the RSS after building the model.
 
 Reads a genotype JSON; writes `--out` (JSON) and prints a Markdown table.
 
@@ -42,6 +42,7 @@ from pipeline.bench import (
     allocators,
     peak_at_failure,
     run_child,
+    status_gib,
 )
 
 log = logging.getLogger(__name__)
@@ -251,15 +252,6 @@ def format_table(results: list[dict]) -> str:
 # ---------------------------------------------------------------- the child
 
 
-def _rss_gib(kind: str) -> float:
-    """Current (`VmRSS`) or peak (`VmHWM`) resident memory of this process."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(kind + ":"):
-                return int(line.split()[1]) / 2**20
-    raise OSError(f"{kind} not in /proc/self/status")
-
-
 def _build(spec: dict):
     from nppnet_tf.models.encoder_decoder_supernet import (
         EncoderDecoderSupernet,
@@ -291,7 +283,7 @@ def run_variant(spec: dict) -> dict:
     model = _build(spec)
     model.build((None, size, size, 3))
     build_seconds = time.perf_counter() - start
-    model_rss = _rss_gib("VmRSS")
+    model_rss = status_gib("VmRSS")
     rng = np.random.default_rng(0)
     images = tf.constant(rng.normal(size=(batch, size, size, 3)), tf.float32)
     out_shapes = {"pose": 16, "pose_aux": 16, "parsing": 20, "edge": 2}
@@ -339,7 +331,7 @@ def run_variant(spec: dict) -> dict:
         start = time.perf_counter()
         step(images, targets).numpy()
         times.append(time.perf_counter() - start)
-    peak = _rss_gib("VmHWM")
+    peak = status_gib("VmHWM")
     return {
         "median_seconds": statistics.median(times),
         "min_seconds": min(times),

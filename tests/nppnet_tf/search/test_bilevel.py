@@ -468,12 +468,20 @@ def test_shared_gradients_give_the_same_search(make_mirrored_strategy, devices):
     together, together_metrics, together_steps = results[True]
     assert separate_steps == together_steps == [2, 2, 1]
     assert separate_metrics.keys() == together_metrics.keys()
-    for key in separate_metrics:
-        assert together_metrics[key] == pytest.approx(
-            separate_metrics[key], rel=1e-5, abs=1e-6
+    _assert_same_search(
+        (separate, separate_metrics), (together, together_metrics), 1e-5, 1e-6
+    )
+
+
+def _assert_same_search(expected, actual, rtol, atol):
+    """Two searches' (variable values, metrics) agree within tolerances."""
+    (expected_values, expected_metrics), (values, metrics) = expected, actual
+    for key in expected_metrics:
+        assert metrics[key] == pytest.approx(
+            expected_metrics[key], rel=rtol, abs=atol
         ), key
-    for a, b in zip(separate, together):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(expected_values, values):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
 
 def test_xla_search_iteration_matches_the_graph_one(make_mirrored_strategy):
@@ -495,13 +503,7 @@ def test_xla_search_iteration_matches_the_graph_one(make_mirrored_strategy):
         )
         if jit:
             assert len(bilevel._compiled) == 2  # weight and architecture
-    (plain, plain_metrics), (xla, xla_metrics) = results[False], results[True]
-    for key in plain_metrics:
-        assert xla_metrics[key] == pytest.approx(
-            plain_metrics[key], rel=1e-4, abs=1e-5
-        ), key
-    for a, b in zip(plain, xla):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    _assert_same_search(results[False], results[True], 1e-4, 1e-5)
 
 
 def test_xla_refuses_synchronised_batchnorm(make_mirrored_strategy):
